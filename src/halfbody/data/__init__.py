@@ -1,0 +1,1 @@
+"""The shared data spine: shard schema, media I/O, condition rendering and the webdataset datamodule."""

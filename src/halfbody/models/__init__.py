@@ -1,0 +1,1 @@
+"""Model parts both families share: autoencoders, audio encoders, schedulers and pretrained loading."""
