@@ -1,0 +1,37 @@
+# halfbody developer entry points. `make install` then `make test` on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test test-slow test-all train learning-check bench-data bench-world clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+
+install: $(PY)  ## create .venv and install halfbody (editable) with its test tools
+	$(PY) -m pip install -e ".[dev]"
+
+test:  ## the fast suite (CI runs exactly this; at most 5 minutes on 2 cores)
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -q
+
+test-slow:  ## the longer checks only
+	WANDB_MODE=disabled $(PY) -m pytest -m slow -q
+
+test-all:
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+train:  ## the default run: tiny EchoMimicV2 on the synthetic world, CPU
+	$(PY) -m halfbody.train
+
+learning-check:  ## ~20 min CPU: does the tiny preset learn audio-driven mouth sync? (benchmarks/RESULTS.md)
+	$(PY) benchmarks/learning_check.py
+
+bench-data:  ## data-loading throughput (samples/s, 2 workers)
+	$(PY) benchmarks/data_loading.py
+
+bench-world:  ## synthetic world generation speed
+	$(PY) benchmarks/synthetic_world_speed.py
+
+clean:
+	rm -rf logs multirun outputs .pytest_cache

@@ -1,0 +1,1 @@
+"""Lightning callbacks shared by both families: sample videos, bad-sample accounting."""

@@ -1,0 +1,1 @@
+"""Small utilities for the training entry point (Hydra instantiation helpers, repository paths)."""
