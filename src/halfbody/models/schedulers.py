@@ -1,0 +1,197 @@
+"""The EchoMimicV2 diffusion schedule: v-prediction, zero-terminal-SNR betas, trailing DDIM, classifier-free guidance.
+
+EchoMimicV2 (like Moore-AnimateAnyone, whose backbone it reuses) trains and samples with diffusers' ``DDIMScheduler``
+set to ``prediction_type="v_prediction"``, ``rescale_betas_zero_snr=True``, ``timestep_spacing="trailing"`` and
+``clip_sample=False`` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.1-3.4).
+We reuse that scheduler for all the maths and add the training helpers and the sampling loop around it.
+
+Latents are ``(B, F, C, h, w)`` (any trailing shape works), timesteps are integer tensors of shape ``(B,)`` in
+``[0, num_train_timesteps)``.
+
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps           (forward process)
+    v   = sqrt(abar_t) eps - sqrt(1 - abar_t) x0           (velocity target, Salimans & Ho 2022)
+    x0  = sqrt(abar_t) x_t - sqrt(1 - abar_t) v            (one-step estimate)
+
+With zero-terminal SNR, ``abar_{T-1} = 0``: the last timestep is pure noise and ``x0 = -v`` there.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Literal, Union
+
+import torch
+
+__all__ = ["VPredictionDDIM", "apply_cfg", "ddim_sample", "DenoiseFn"]
+
+#: ``denoise_fn(x_t, t, with_uncond)``: ``x_t`` ``(B, ...)``, ``t`` ``(B,)`` long. Returns ``v_cond`` when
+#: ``with_uncond`` is False, else ``(v_cond, v_uncond)``, so a caller can run both branches as one batch of 2B.
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, bool], Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable against ``like`` (same device and dtype)."""
+    return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def apply_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor | None, guidance_scale: float,
+              guidance_rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance ``v_uncond + s (v_cond - v_uncond)``, optionally rescaled.
+
+    ``guidance_rescale = phi`` mixes in the guided prediction rescaled to the per-sample std of ``v_cond``
+    (Lin et al. 2024, §3.4, Eq. 15-16), which counters over-exposure at high scales with zero-SNR schedules.
+    With ``guidance_scale == 1`` or no ``v_uncond`` the result is ``v_cond`` itself.
+    """
+    if v_uncond is None or guidance_scale == 1.0:
+        return v_cond
+    v = v_uncond + guidance_scale * (v_cond - v_uncond)
+    if guidance_rescale > 0:
+        dims = tuple(range(1, v.ndim))
+        rescaled = v * (v_cond.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True).clamp_min(1e-12))
+        v = guidance_rescale * rescaled + (1.0 - guidance_rescale) * v
+    return v
+
+
+class VPredictionDDIM:
+    """v-prediction DDIM with zero-terminal-SNR betas and trailing spacing (EchoMimicV2's sampler and training maths).
+
+    Args:
+        num_train_timesteps: ``T``.
+        beta_start, beta_end, beta_schedule: SD1.5's betas. ``"scaled_linear"`` is SD1.5's native schedule and
+            Moore-AnimateAnyone's *training* scheduler; its inference yaml (and EchoMimicV2's) says ``"linear"``.
+            Keep train and sample equal unless reproducing that exact mismatch.
+        rescale_betas_zero_snr: rescale so ``abar_{T-1} = 0`` (Lin et al. 2024, Alg. 1).
+        timestep_spacing: ``"trailing"`` starts sampling at ``T - 1`` (Lin et al. 2024, §3.3).
+        prediction_type: the network's target; this class is written for ``"v_prediction"``.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear",
+                 rescale_betas_zero_snr: bool = True,
+                 timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing",
+                 steps_offset: int = 1, prediction_type: Literal["v_prediction"] = "v_prediction") -> None:
+        from diffusers import DDIMScheduler
+
+        if prediction_type != "v_prediction":
+            raise ValueError(f"VPredictionDDIM only supports prediction_type='v_prediction', got {prediction_type!r}")
+        self.scheduler = DDIMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=True, steps_offset=steps_offset,
+            prediction_type="v_prediction", timestep_spacing=timestep_spacing,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)  # (T,) abar_t, float64 for accuracy
+
+    # ------------------------------------------------------------------------------------------ training helpers
+
+    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(abar_t), sqrt(1 - abar_t))``, each ``(B, 1, ..., 1)`` like ``like``."""
+        if t.ndim != 1 or t.shape[0] != like.shape[0]:
+            raise ValueError(f"t must be (B,) with B = {like.shape[0]}, got shape {tuple(t.shape)}")
+        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        return _expand(abar.sqrt(), like), _expand((1.0 - abar).sqrt(), like)
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """``abar_t`` for integer timesteps ``t`` (any shape), float32 on ``t``'s device."""
+        return self.alphas_cumprod.to(t.device)[t.long()].to(torch.float32)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` (0 at the zero-SNR terminal step), float32."""
+        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        return (abar / (1.0 - abar)).to(torch.float32)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; ``x0``, ``noise`` ``(B, F, C, h, w)``, ``t`` ``(B,)``."""
+        a, s = self._coefs(t, x0)
+        return a * x0 + s * noise
+
+    def velocity_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0``, shape of ``x0``."""
+        a, s = self._coefs(t, x0)
+        return a * noise - s * x0
+
+    def predict_x0(self, x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One-step ``x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_pred`` (used by EchoMimicV2's PhD loss)."""
+        a, s = self._coefs(t, x_t)
+        return a * x_t - s * v_pred
+
+    def predict_noise(self, x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``eps_hat = sqrt(1 - abar_t) x_t + sqrt(abar_t) v_pred``."""
+        a, s = self._coefs(t, x_t)
+        return s * x_t + a * v_pred
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None, t_min: int = 0,
+                         t_max: int | None = None) -> torch.Tensor:
+        """Uniform integer timesteps ``(batch,)`` in ``[t_min, t_max)`` (default the full ``[0, T)``).
+
+        The range lets a phase restrict a loss term to a timestep band. ``generator`` must live on the CPU; the
+        result is moved to ``device``.
+        """
+        t_max = self.num_train_timesteps if t_max is None else int(t_max)
+        if not 0 <= t_min < t_max <= self.num_train_timesteps:
+            raise ValueError(f"need 0 <= t_min < t_max <= {self.num_train_timesteps}, got t_min={t_min}, t_max={t_max}")
+        t = torch.randint(t_min, t_max, (batch,), generator=generator, device="cpu")
+        return t.to(device) if device is not None else t
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """The ``num_steps`` sampling timesteps, descending (trailing spacing starts at ``T - 1``)."""
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(num_steps)
+        return sched.timesteps.clone()
+
+    @torch.no_grad()
+    def ddim_sample(self, denoise_fn: DenoiseFn, shape: tuple[int, ...], num_steps: int = 30,
+                    guidance_scale: float = 2.5, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                    latents: torch.Tensor | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
+                    callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Sample ``x0`` latents of ``shape`` (e.g. ``(B, F, C, h, w)``) with DDIM and classifier-free guidance.
+
+        Args:
+            denoise_fn: see :data:`DenoiseFn`. Called with ``with_uncond = guidance_scale != 1``; it returns
+                ``v_cond`` or ``(v_cond, v_uncond)``. Batching both branches into one forward is up to the caller.
+            shape: latent shape; ignored when ``latents`` is given.
+            num_steps: DDIM steps.
+            guidance_scale: CFG scale ``s``; 1 runs the conditional branch only.
+            generator: for the initial noise (and ``eta > 0`` noise); sampled on the generator's device.
+            latents: optional initial ``x_T`` (default: standard normal noise).
+            eta: DDIM stochasticity (0 = deterministic DDIM).
+            guidance_rescale: ``phi`` of :func:`apply_cfg`.
+            callback: ``callback(step_index, t, x_t)`` after each step.
+
+        Returns:
+            ``x0`` latents, ``shape``, in ``dtype``.
+        """
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(num_steps)
+        if latents is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        x = latents.to(device=device if device is not None else latents.device, dtype=dtype)
+        with_uncond = guidance_scale != 1.0
+        for i, t in enumerate(sched.timesteps):
+            t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+            out = denoise_fn(x, t_batch, with_uncond)
+            if with_uncond:
+                if not isinstance(out, (tuple, list)) or len(out) != 2:
+                    raise TypeError("denoise_fn(x_t, t, with_uncond=True) must return (v_cond, v_uncond)")
+                v = apply_cfg(out[0], out[1], guidance_scale, guidance_rescale)
+            else:
+                v = out[0] if isinstance(out, (tuple, list)) else out
+            x = sched.step(v.to(x.dtype), int(t), x, eta=eta, generator=generator).prev_sample
+            if callback is not None:
+                callback(i, int(t), x)
+        return x
+
+
+def ddim_sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_steps: int = 30, guidance_scale: float = 2.5,
+                generator: torch.Generator | None = None, schedule: VPredictionDDIM | None = None,
+                **kwargs) -> torch.Tensor:
+    """:meth:`VPredictionDDIM.ddim_sample` with ``schedule`` (default: a fresh EchoMimicV2 schedule)."""
+    schedule = schedule if schedule is not None else VPredictionDDIM()
+    return schedule.ddim_sample(denoise_fn, shape, num_steps=num_steps, guidance_scale=guidance_scale,
+                                generator=generator, **kwargs)
