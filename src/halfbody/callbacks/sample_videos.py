@@ -68,7 +68,8 @@ class SampleVideoWriter(L.Callback):
                     paths.append(write_video(self.dirpath / name, grid, float(batch["fps"][i]), audio, AUDIO_SAMPLE_RATE))
         pl_module.validation_samples = []
         for k, vals in metrics.items():
-            pl_module.log(f"val/oracle/{k}", float(np.mean(vals)), sync_dist=True)
+            if np.isfinite(vals).any():  # nan: not measurable on this clip (e.g. hands on a headshot)
+                pl_module.log(f"val/oracle/{k}", float(np.nanmean(vals)), sync_dist=True)
         self.last_paths = paths
         if paths:
             log.info("wrote %d sample video(s) to %s", len(paths), self.dirpath)
