@@ -225,8 +225,8 @@ def _atomic_write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _params(config: WorldConfig, num_clips: int, clips_per_shard: int) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "num_clips": int(num_clips),
+def _params(config: WorldConfig, num_clips: int, clips_per_shard: int, first_index: int = 0) -> dict:
+    return {"generator_version": GENERATOR_VERSION, "num_clips": int(num_clips), "first_index": int(first_index),
             "clips_per_shard": int(clips_per_shard), **asdict(config)}
 
 
@@ -258,8 +258,11 @@ def _locked(out: Path):
 
 def generate_shards(out_dir: str | os.PathLike, num_clips: int = 256, seed: int = 0, num_identities: int = 8,
                     resolution: int = 128, fps: float = 25.0, num_frames: int = 50, headshot_fraction: float = 0.2,
-                    clips_per_shard: int = 64, workers: int | None = None, ref_fraction: float = 0.5) -> list[Path]:
-    """Write ``num_clips`` clips as webdataset shards ``synthetic-00000.tar, ...`` plus ``manifest.json``.
+                    clips_per_shard: int = 64, workers: int | None = None, ref_fraction: float = 0.5,
+                    first_index: int = 0) -> list[Path]:
+    """Write ``num_clips`` clips (indices ``first_index ...``) as webdataset shards ``synthetic-00000.tar, ...``
+    plus ``manifest.json``. Two calls with the same seed and disjoint index ranges give disjoint clips of the same
+    identities (a train / validation split).
 
     A no-op returning the existing shard paths when ``out_dir`` holds a complete manifest with the same
     parameters. Each shard and the manifest are written to a temporary name and renamed when complete;
@@ -278,14 +281,16 @@ def generate_shards(out_dir: str | os.PathLike, num_clips: int = 256, seed: int 
         raise ValueError(f"synthetic_world: bad clips_per_shard={clips_per_shard!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    params = _params(config, num_clips, clips_per_shard)
+    if first_index < 0:
+        raise ValueError(f"synthetic_world: bad first_index={first_index!r}")
+    params = _params(config, num_clips, clips_per_shard, first_index)
     with _locked(out):
         done = _complete(out, params)
         if done is not None:
             return done
         (out / MANIFEST).unlink(missing_ok=True)
         workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
-        jobs = [(config, i) for i in range(num_clips)]
+        jobs = [(config, first_index + i) for i in range(num_clips)]
         pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
         try:
             results = pool.imap(_render_encode, jobs, chunksize=2) if pool else map(_render_encode, jobs)
@@ -332,3 +337,13 @@ def generate_shards(out_dir: str | os.PathLike, num_clips: int = 256, seed: int 
         return [out / s["name"] for s in shards]
 
 
+
+
+def generate_world(root: str | os.PathLike, train_clips: int = 192, val_clips: int = 16, **params) -> dict[str, list[Path]]:
+    """A train / validation split of one world under ``root/train`` and ``root/val``: the same identities,
+    disjoint clips (validation takes the indices after the training ones). A no-op when both are complete."""
+    root = Path(root)
+    return {
+        "train": generate_shards(root / "train", num_clips=train_clips, **params),
+        "val": generate_shards(root / "val", num_clips=val_clips, first_index=train_clips, **params),
+    }
