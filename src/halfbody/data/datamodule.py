@@ -1,0 +1,305 @@
+"""HalfBodyDataModule: the one webdataset datamodule both families train on.
+
+Training: resampled shards with explicit per-(rank, worker, epoch) seeding and a fixed number of batches per
+epoch, so Lightning epochs end and DDP/FSDP ranks and dataloader workers see different data. Validation:
+shards in order, split over ranks and workers, deterministic windows, at most ``val_samples`` samples.
+
+The condition settings (pose groups, pose dropout, mask margins, headshot handling) are a ``ConditionSpec``
+that a phase callback swaps with ``set_condition_spec`` (shared/DESIGN.md §2: phases are data). The spec is
+read when each sample is built. In-process loading (``num_workers=0``) sees a change at the next sample;
+worker processes get a copy of the dataset when the dataloader starts iterating, so with workers a change
+takes effect at the next epoch, and with ``persistent_workers=True`` only when the dataloaders are rebuilt
+(``Trainer(reload_dataloaders_every_n_epochs=1)``).
+
+Bad samples are skipped in the workers; the main process aggregates their ``(key, reason)`` records from each
+batch's ``bad_samples`` list in ``on_before_batch_transfer`` (``bad_sample_summary()``).
+
+Precomputed audio features: ``audio_feats_field`` names a shard field ``(num_frames_source, K, D)`` aligned to
+the source video frames, e.g. ``whisper-tiny.feats.npy``. The name must carry the encoder's identity (model
+name, and a version when it can change), so that a stale cache is never mistaken for a fresh one (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import braceexpand
+import lightning as L
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from halfbody.data.conditions import ConditionSpec
+from halfbody.data.dataset import (
+    DEFAULT_TARGET_HEAD_BOX,
+    BadSampleLedger,
+    ClipConfig,
+    SampleBuilder,
+    TrainShardDataset,
+    ValShardDataset,
+    collate_samples,
+)
+from halfbody.data.transforms import parse_resolution
+
+log = logging.getLogger(__name__)
+
+# The training dataset's __len__ is exact: every (rank, worker) yields its own whole-batch share of the epoch.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(spec: str | Sequence[str] | None, name: str = "shards") -> list[str]:
+    """A brace pattern, a glob, a directory (all ``*.tar`` in it), or a list of any of these -> shard paths.
+
+    Local paths must exist; the error names the config key and the path.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, (str, os.PathLike)):
+        spec = os.fspath(spec)
+        if _is_remote(spec):
+            return list(braceexpand.braceexpand(spec))
+        if os.path.isdir(spec):
+            shards = sorted(glob.glob(os.path.join(spec, "*.tar")))
+            if not shards:
+                raise FileNotFoundError(f"{name}={spec!r}: directory has no *.tar shards")
+            return shards
+        out = []
+        for p in braceexpand.braceexpand(spec):
+            if any(ch in p for ch in "*?["):
+                hits = sorted(glob.glob(p))
+                if not hits:
+                    raise FileNotFoundError(f"{name}={spec!r}: pattern {p!r} matches no files")
+                out.extend(hits)
+            elif not os.path.isfile(p):
+                raise FileNotFoundError(f"{name}={spec!r}: shard {p!r} does not exist")
+            else:
+                out.append(p)
+        return out
+    if isinstance(spec, Sequence):
+        return [s for item in spec for s in expand_shards(item, name)]
+    raise TypeError(f"{name}: expected a path, pattern, directory or list, got {type(spec).__name__}")
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that, each time it starts iterating, stamps its dataset with the epoch and the rank/world
+    size resolved in the main process (torch.distributed when initialised, else the Trainer). Worker processes
+    receive that stamped copy."""
+
+    def __init__(self, dataset, *, stamp: Callable[[Any], None], **kw):
+        super().__init__(dataset, **kw)
+        self._stamp = stamp
+
+    def __iter__(self):
+        self._stamp(self.dataset)
+        return super().__iter__()
+
+
+class HalfBodyDataModule(L.LightningDataModule):
+    """Webdataset shards (shared/DESIGN.md §1) -> training samples (docs/ARCHITECTURE.md).
+
+    Args:
+        train_shards: brace pattern (``data/train-{000000..000009}.tar``), glob, directory or list of them.
+        val_shards: same; None uses the train shards when ``val_from_train``, else no validation.
+        num_frames: clip length F at the target ``fps``; source clips at another fps are resampled by frame index.
+        resolution: square side or ``[H, W]``.
+        batch_size / val_batch_size: per rank.
+        num_workers: dataloader workers per rank (0: in-process).
+        samples_per_epoch / batches_per_epoch: per rank; give one (samples are rounded up to whole batches).
+            Neither: 500 batches.
+        val_samples: validation samples over all ranks (None: all).
+        condition: a ``ConditionSpec`` or a mapping of its fields.
+        train_crop: ``random`` (crop jitter) or ``center``; validation always centres.
+        scale_jitter: training zoom-in of up to this fraction (0: none).
+        target_head_box: where half-body heads sit, ``[x0, y0, x1, y1]`` normalised output coordinates (HPA).
+        pad_value: padding pixel value in 0..255 (HPA).
+        score_threshold: keypoints below it are not drawn and do not count for masks.
+        audio_feats_field: optional precomputed feature field (see module docstring), yields ``audio_feats``.
+        shuffle_buffer: training samples mixed across shards before decoding.
+        seed: base seed of the per-(rank, worker, epoch) seeds.
+        max_bad_fraction / min_samples_for_bad_check: stop with a RuntimeError when, after at least that many
+            samples, more than that fraction was bad.
+        rank / world_size: override the distributed rank (tests, custom launchers).
+        prepare: called from ``prepare_data()`` (local rank 0 only), e.g. the synthetic-world generator as a
+            Hydra ``_partial_``; it must be a no-op when the data exist.
+        synthetic: the shards come from the synthetic talker world, so its oracle metrics apply.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None = None,
+        num_frames: int = 12,
+        fps: float = 25.0,
+        resolution: int | Sequence[int] = 512,
+        batch_size: int = 1,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        samples_per_epoch: int | None = None,
+        batches_per_epoch: int | None = None,
+        val_samples: int | None = 16,
+        val_from_train: bool = True,
+        condition: ConditionSpec | Mapping | None = None,
+        train_crop: str = "random",
+        scale_jitter: float = 0.0,
+        target_head_box: Sequence[float] = DEFAULT_TARGET_HEAD_BOX,
+        pad_value: int = 0,
+        score_threshold: float = 0.3,
+        audio_feats_field: str | None = None,
+        shuffle_buffer: int = 16,
+        seed: int = 0,
+        max_bad_fraction: float = 0.5,
+        min_samples_for_bad_check: int = 32,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prepare: Callable[[], Any] | None = None,
+        synthetic: bool = False,
+    ):
+        super().__init__()
+        self.synthetic = bool(synthetic)
+        self.train_shards_spec = _plain(train_shards)
+        self.val_shards_spec = _plain(val_shards)
+        self.height, self.width = parse_resolution(_plain(resolution))
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        if self.batch_size < 1 or self.val_batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} / val_batch_size={val_batch_size!r}: must be >= 1")
+        if samples_per_epoch is not None and batches_per_epoch is not None:
+            raise ValueError(f"give samples_per_epoch={samples_per_epoch} or batches_per_epoch={batches_per_epoch}, not both")
+        if samples_per_epoch is not None:
+            if int(samples_per_epoch) < 1:
+                raise ValueError(f"samples_per_epoch={samples_per_epoch!r}: must be >= 1")
+            self.batches_per_epoch = math.ceil(int(samples_per_epoch) / self.batch_size)
+        else:
+            self.batches_per_epoch = int(batches_per_epoch if batches_per_epoch is not None else 500)
+            if self.batches_per_epoch < 1:
+                raise ValueError(f"batches_per_epoch={batches_per_epoch!r}: must be >= 1")
+        self.num_workers = int(num_workers)
+        self.val_samples = None if val_samples is None else int(val_samples)
+        self.val_from_train = bool(val_from_train)
+        self.condition_spec = ConditionSpec.from_any(condition)
+        self.clip_kwargs = dict(
+            num_frames=int(num_frames), fps=float(fps), height=self.height, width=self.width, crop=train_crop,
+            scale_jitter=float(scale_jitter), target_head_box=tuple(_plain(target_head_box)), pad_value=int(pad_value),
+            score_threshold=float(score_threshold), audio_feats_field=audio_feats_field,
+        )
+        ClipConfig(**self.clip_kwargs)  # validate now: errors name the argument
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.min_samples_for_bad_check = int(min_samples_for_bad_check)
+        self.persistent_workers = bool(persistent_workers)
+        self.pin_memory = bool(pin_memory)
+        self.prefetch_factor = prefetch_factor
+        self.rank, self.world_size = rank, world_size
+        self.prepare = prepare
+        self.train_dataset: TrainShardDataset | None = None
+        self.val_dataset: ValShardDataset | None = None
+        self.bad_ledger = BadSampleLedger(max_bad_fraction, min_samples_for_bad_check, where="all workers",
+                                          log_records=False)
+        self._epochs_started = 0
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        ds_kw = dict(seed=self.seed, rank=self.rank, world_size=self.world_size, max_bad_fraction=self.max_bad_fraction,
+                     min_samples_for_bad_check=self.min_samples_for_bad_check)
+        train_shards = expand_shards(self.train_shards_spec, "train_shards")
+        if not train_shards and stage in (None, "fit"):
+            raise ValueError(f"train_shards={self.train_shards_spec!r}: no shards")
+        if stage in (None, "fit") and self.train_dataset is None:
+            builder = SampleBuilder(ClipConfig(**self.clip_kwargs), self.condition_spec)
+            self.train_dataset = TrainShardDataset(train_shards, builder, batch_size=self.batch_size,
+                                                   batches_per_epoch=self.batches_per_epoch,
+                                                   shuffle_buffer=self.shuffle_buffer, **ds_kw)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            val_shards = expand_shards(self.val_shards_spec, "val_shards")
+            if not val_shards and self.val_from_train:
+                val_shards = train_shards
+            if val_shards:
+                builder = SampleBuilder(ClipConfig(**self.clip_kwargs), self.condition_spec)
+                self.val_dataset = ValShardDataset(val_shards, builder, val_samples=self.val_samples, **ds_kw)
+
+    def _loader(self, dataset, batch_size: int) -> DataLoader:
+        kw: dict[str, Any] = dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_samples,
+                                  pin_memory=self.pin_memory, stamp=self._stamp)
+        if self.num_workers > 0:
+            kw.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
+        return _EpochLoader(dataset, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(self.train_dataset, self.batch_size)
+
+    def val_dataloader(self):
+        if self.val_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None or self.val_samples == 0:
+            return []  # no validation
+        return self._loader(self.val_dataset, self.val_batch_size)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Main process: aggregate the workers' bad-sample records (and stop when most data is bad)."""
+        if isinstance(batch, dict) and "bad_samples" in batch:
+            for key, reason in batch["bad_samples"]:
+                self.bad_ledger.record(key, reason)
+            self.bad_ledger.add_good(len(batch.get("key", ())))
+        return batch
+
+    # ------------------------------------------------------------------ runtime control
+    def set_condition_spec(self, spec: ConditionSpec | Mapping) -> None:
+        """Swap the condition settings (a phase change). See the module docstring for when workers see it."""
+        self.condition_spec = ConditionSpec.from_any(spec)
+        for ds in (self.train_dataset, self.val_dataset):
+            if ds is not None:
+                ds.set_condition_spec(self.condition_spec)
+
+    def bad_sample_summary(self) -> dict:
+        """``{"good", "bad", "by_reason"}`` over all batches this process has received."""
+        return self.bad_ledger.summary()
+
+    def _dist(self) -> tuple[int, int]:
+        if self.rank is not None and self.world_size is not None:
+            return int(self.rank), int(self.world_size)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return 0, 1
+
+    def _stamp(self, dataset) -> None:
+        dataset.rank, dataset.world_size = self._dist()
+        if isinstance(dataset, TrainShardDataset):
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                dataset.set_epoch(int(trainer.current_epoch))
+            else:
+                dataset.set_epoch(self._epochs_started)
+                self._epochs_started += 1
+
+
+def _plain(v):
+    """OmegaConf ListConfig/DictConfig -> list/dict (without importing omegaconf)."""
+    if isinstance(v, (str, bytes, os.PathLike)) or v is None:
+        return v
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, Sequence) or hasattr(v, "__iter__"):
+        return [_plain(x) for x in v]
+    return v
