@@ -1,0 +1,213 @@
+"""EchoMimicV2Module: the EchoMimicV2 family as a LightningModule (EchoMimicV2 §3.1, Figure 2).
+
+Training step: the latent diffusion loss with v-prediction (§3.1 Eq. 1, in its v-parameterised form as the official
+code trains with zero-terminal-SNR DDIM), every condition on, with independent condition dropout for CFG.
+Validation: the loss at fixed timesteps, plus DDIM/CFG samples that the ``SampleVideoWriter`` callback turns into
+mp4s, W&B videos and synthetic-world oracle metrics.
+
+Phase-facing attributes (set by the curriculum callbacks, never by phase name): ``audio_region`` and the
+per-group ``requires_grad`` of :meth:`module_groups`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from halfbody.data.conditions import to_latent_resolution
+from halfbody.models.audio_encoders import AudioEncoder
+from halfbody.models.autoencoders import Autoencoder
+from halfbody.models.schedulers import VPredictionDDIM
+
+AUDIO_REGIONS = ("off", "lips", "head", "face", "global")
+
+
+class EchoMimicV2Module(L.LightningModule):
+    """
+    Args:
+        network: builds the :class:`EchoMimicV2Network`; called with ``latent_channels``, ``latent_factor``,
+            ``audio_dim`` and ``audio_tokens`` derived from the autoencoder and the audio encoder (a Hydra partial
+            of ``EchoMimicV2Network.tiny`` or ``EchoMimicV2Network.from_pretrained_parts``).
+        autoencoder: frozen image autoencoder (SD VAE or the lossless patch autoencoder).
+        audio_encoder: frozen audio encoder (Whisper all-layer features, or wav2vec2).
+        optimizer: partial optimizer, called with the trainable parameters.
+        lr_scheduler: optional partial LR scheduler, called with the optimizer (stepped every step).
+        noise_scheduler: the DDIM v-prediction / zero-terminal-SNR scheduler for training and sampling.
+        audio_region: where audio cross-attention acts: off | lips | head | face | global (§3.2.2).
+        condition_dropout: per-sample drop probabilities of ``ref``, ``audio`` and ``pose`` (CFG training).
+        num_inference_steps / guidance_scale: validation sampling (§4.1: CFG 2.5 on reference and audio).
+        num_sample_batches: validation batches that are also sampled (the rest only give the loss).
+    """
+
+    def __init__(
+        self,
+        network: Callable[..., nn.Module],
+        autoencoder: Autoencoder,
+        audio_encoder: AudioEncoder,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        noise_scheduler: VPredictionDDIM,
+        lr_scheduler: Callable[..., Any] | None = None,
+        audio_region: str = "global",
+        condition_dropout: dict[str, float] | None = None,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 2.5,
+        num_sample_batches: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "noise_scheduler"])
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.audio_encoder = audio_encoder.requires_grad_(False).eval()
+        self.network = network(
+            latent_channels=autoencoder.latent_channels,
+            latent_factor=autoencoder.spatial_factor,
+            audio_dim=audio_encoder.feature_dim,
+            audio_tokens=audio_encoder.tokens_per_frame,
+        )
+        self.noise_scheduler = noise_scheduler
+        self.audio_region = audio_region
+        self.condition_dropout = {"ref": 0.0, "audio": 0.0, "pose": 0.0, **(condition_dropout or {})}
+        unknown = set(self.condition_dropout) - {"ref", "audio", "pose"}
+        if unknown:
+            raise ValueError(f"model.condition_dropout has unknown keys {sorted(unknown)}; known: ref, audio, pose")
+        self.validation_samples: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------------------------- phases
+    @property
+    def audio_region(self) -> str:
+        return self._audio_region
+
+    @audio_region.setter
+    def audio_region(self, region: str) -> None:
+        if region not in AUDIO_REGIONS:
+            raise ValueError(f"audio_region must be one of {AUDIO_REGIONS}, got {region!r}")
+        self._audio_region = region
+
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        """Trainable module groups of the network (reference_net, denoising_unet, pose_encoder, audio_attention, temporal)."""
+        return self.network.module_groups()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()
+        self.audio_encoder.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @torch.no_grad()
+    def encode_conditions(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Frozen encoders: video/reference latents and audio features. Returns latents ``(B, F, C, h, w)``,
+        ``ref_latents (B, C, h, w)`` and ``audio_feats (B, F, K, D)``."""
+        video = batch["video"]
+        num_frames = video.shape[1]
+        fps = float(batch["fps"][0]) if torch.is_tensor(batch["fps"]) else float(batch["fps"])
+        feats = batch.get("audio_feats")
+        if feats is None:
+            feats = self.audio_encoder(batch["audio"], num_frames=num_frames, fps=fps)
+        return {
+            "latents": self.autoencoder.encode(video),
+            "ref_latents": self.autoencoder.encode_image(batch["ref"]),
+            "audio_feats": feats.to(video.dtype),
+        }
+
+    def audio_mask_and_mode(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, str]:
+        """Partial attention (§3.2.2): the region mask the audio cross-attention acts through."""
+        region = self.audio_region
+        if region in ("off", "global"):
+            return None, region
+        return batch[f"mask_{region}"], "masked"
+
+    def _keep(self, name: str, batch_size: int) -> torch.Tensor | None:
+        p = self.condition_dropout[name]
+        if p <= 0:
+            return None
+        return torch.rand(batch_size, device=self.device) >= p
+
+    def denoise(self, noisy_latents, timesteps, cond, batch, ref_keep=None, audio_keep=None, pose_keep=None):
+        """One network evaluation, ``(B, F, C, h, w)`` -> predicted velocity of the same shape."""
+        audio_mask, audio_mode = self.audio_mask_and_mode(batch)
+        return self.network(
+            noisy_latents, timesteps, cond["ref_latents"], cond["audio_feats"], batch["pose"],
+            audio_mask=audio_mask, audio_mode=audio_mode, ref_keep=ref_keep, audio_keep=audio_keep, pose_keep=pose_keep,
+        )
+
+    def loss_weights(self, batch: dict[str, Any], latent_shape: torch.Size) -> torch.Tensor:
+        """Valid-pixel weights at latent resolution ``(B, F, 1, h, w)``: padding (HPA, letterbox) is excluded."""
+        valid = batch["valid"]
+        b, f = valid.shape[:2]
+        w = F.adaptive_avg_pool2d(valid.flatten(0, 1), latent_shape[-2:]).view(b, f, 1, *latent_shape[-2:])
+        return w
+
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                       dropout: bool = True) -> torch.Tensor:
+        cond = self.encode_conditions(batch)
+        x0 = cond["latents"]
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = self.noise_scheduler.sample_timesteps(b, device=x0.device, generator=generator)
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        target = self.noise_scheduler.velocity_target(x0, noise, t)
+        keeps = {f"{k}_keep": self._keep(k, b) for k in ("ref", "audio", "pose")} if dropout else {}
+        pred = self.denoise(xt, t, cond, batch, **keeps)
+        w = self.loss_weights(batch, x0.shape)
+        err = (pred.float() - target.float()).pow(2).mean(dim=2, keepdim=True)  # mean over channels
+        return (err * w).sum() / w.sum().clamp_min(1.0)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
+        loss = self.diffusion_loss(batch, generator=g, dropout=False)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
+        if batch_idx < self.hparams.num_sample_batches:
+            generated = self.generate(batch, generator=torch.Generator(device=self.device).manual_seed(batch_idx))
+            self.validation_samples.append({
+                "generated": generated, "video": batch["video"], "ref": batch["ref"], "audio": batch["audio"],
+                "kpts": batch["kpts"], "fps": batch["fps"], "key": batch["key"],
+            })
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_samples = []
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample a clip for each batch element with DDIM and classifier-free guidance on reference and audio (§4.1).
+
+        Returns ``(B, F, 3, H, W)`` in ``[-1, 1]``.
+        """
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        cond = self.encode_conditions(batch)
+        shape = cond["latents"].shape
+        b = shape[0]
+        # The unconditional branch drops reference and audio; both branches run as one batch.
+        cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
+        batch2 = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (b,) else v for k, v in batch.items()}
+        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=self.device), torch.zeros(b, dtype=torch.bool, device=self.device)])
+
+        def denoise_fn(x_t: torch.Tensor, t: torch.Tensor, with_uncond: bool):
+            if not with_uncond:
+                return self.denoise(x_t, t, cond, batch)
+            v = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), cond2, batch2, ref_keep=keep, audio_keep=keep)
+            return v.chunk(2)
+
+        latents = self.noise_scheduler.ddim_sample(denoise_fn, tuple(shape), num_steps=steps, guidance_scale=scale,
+                                                   generator=generator, device=self.device, dtype=cond["latents"].dtype)
+        return self.autoencoder.decode(latents).clamp(-1, 1)
+
+    # ----------------------------------------------------------------------------------------------- optim
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = self.hparams.optimizer(params=params)
+        if self.hparams.lr_scheduler is None:
+            return optimizer
+        scheduler = self.hparams.lr_scheduler(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
