@@ -160,6 +160,7 @@ class EchoMimicV2Module(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["video"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
