@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check bench-data bench-world clean
+.PHONY: install test test-slow test-all train learning-check bench-data bench-oracle bench-world clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ learning-check:  ## ~20 min CPU: does the tiny preset learn audio-driven mouth s
 
 bench-data:  ## data-loading throughput (samples/s, 2 workers)
 	$(PY) benchmarks/data_loading.py
+
+bench-oracle:  ## oracle-metric reference points (ground truth, static, noise) on the validation windows
+	$(PY) benchmarks/oracle_calibration.py
 
 bench-world:  ## synthetic world generation speed
 	$(PY) benchmarks/synthetic_world_speed.py

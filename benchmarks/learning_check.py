@@ -1,15 +1,17 @@
-"""The learning check: train the tiny EchoMimicV2 preset on the synthetic world on CPU for a fixed wall budget
-and report audio-driven mouth sync against its shifted-audio control (halfbody.metrics.oracle.mouth_sync).
+"""The learning check: train the tiny EchoMimicV2 preset on the synthetic world on CPU for a fixed wall budget,
+then score every saved checkpoint's samples with the oracle metrics (mouth sync against its shifted-audio
+control, hands, identity, flicker) on the validation clips.
 
     python benchmarks/learning_check.py [extra Hydra overrides]     # or: make learning-check
+    python benchmarks/learning_check.py --evaluate logs/learning_check/<run>   # score an existing run again
 
-It runs the real entry point (``python -m halfbody.train experiment=learning_check``), then reads the
-validation curve from the run's CSV log and prints a Markdown table for benchmarks/RESULTS.md.
+Training runs the real entry point (``python -m halfbody.train experiment=learning_check``); scoring rebuilds the
+model and datamodule from the run's saved Hydra config and loads each checkpoint with ``weights_only=True``.
+It prints a Markdown table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -17,47 +19,76 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["val/oracle/mouth_sync", "val/oracle/mouth_sync_control", "val/oracle/mouth_sync_margin",
-           "val/oracle/hand_error", "val/oracle/identity_distance", "val/oracle/flicker", "val/loss"]
+SHOWN = ["mouth_sync", "mouth_sync_control", "mouth_sync_margin", "hand_error", "identity_distance", "flicker"]
 
 
-def read_curve(run_dir: Path) -> list[dict[str, float]]:
-    rows: dict[int, dict[str, float]] = {}
-    for path in sorted(run_dir.glob("csv/**/metrics.csv")):
-        with open(path) as fh:
-            for row in csv.DictReader(fh):
-                if not row.get("val/loss"):
-                    continue
-                step = int(float(row["step"]))
-                rows.setdefault(step, {"step": step}).update(
-                    {k: float(row[k]) for k in COLUMNS if row.get(k) not in (None, "")})
-    return [rows[s] for s in sorted(rows)]
+@torch.no_grad()
+def evaluate(run_dir: Path) -> list[dict[str, float]]:
+    """Oracle metrics of each checkpoint in ``run_dir/checkpoints`` on the run's validation clips."""
+    import hydra
+    from omegaconf import OmegaConf, open_dict
+
+    import halfbody.utils.hydra  # noqa: F401  (registers the hb_root resolver)
+    from halfbody.metrics.oracle import ORACLE_METRICS, oracle_metrics
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.data.num_workers = 0
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    model = hydra.utils.instantiate(cfg.model)
+    rows = []
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*.ckpt"))
+    for ckpt in ckpts:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        per_clip = []
+        for i, batch in enumerate(batches):
+            video = model.generate(batch, generator=torch.Generator().manual_seed(i))
+            for j in range(video.shape[0]):
+                per_clip.append(oracle_metrics(video[j], batch["ref"][j], batch["kpts"][j], batch["audio"][j],
+                                               float(batch["fps"][j])))
+        row = {"step": state["global_step"], "clips": len(per_clip)}
+        row.update({k: float(np.nanmean([m[k] for m in per_clip])) for k in ORACLE_METRICS})
+        rows.append(row)
+        print(f"step {row['step']}: " + ", ".join(f"{k} {row[k]:.3f}" for k in SHOWN), flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    lines = ["| step | " + " | ".join(SHOWN) + " |", "|---:|" + "---:|" * len(SHOWN)]
+    lines += [f"| {r['step']} | " + " | ".join(f"{r[k]:.3f}" for k in SHOWN) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    run_dir = ROOT / "logs" / "learning_check" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    cmd = [sys.executable, "-m", "halfbody.train", "experiment=learning_check", f"hydra.run.dir={run_dir}", *argv]
-    print("$", " ".join(cmd), flush=True)
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wall = time.time() - start
-    if proc.returncode != 0:
-        print(f"training failed with exit code {proc.returncode}", file=sys.stderr)
-        return proc.returncode
-    curve = read_curve(run_dir)
-    if not curve:
-        print(f"no validation rows in {run_dir}/csv", file=sys.stderr)
+    if argv[:1] == ["--evaluate"]:
+        run_dir = Path(argv[1])
+    else:
+        run_dir = ROOT / "logs" / "learning_check" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        cmd = [sys.executable, "-m", "halfbody.train", "experiment=learning_check", f"hydra.run.dir={run_dir}", *argv]
+        print("$", " ".join(cmd), flush=True)
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        print(f"training wall time: {(time.time() - start) / 60:.1f} min", flush=True)
+        if proc.returncode != 0:
+            print(f"training failed with exit code {proc.returncode}", file=sys.stderr)
+            return proc.returncode
+    rows = evaluate(run_dir)
+    if not rows:
+        print(f"no checkpoints in {run_dir}/checkpoints", file=sys.stderr)
         return 1
-    print(f"\nrun dir: {run_dir}\nwall time: {wall / 60:.1f} min\n")
-    print("| step | mouth sync | shifted-audio control | margin | hand error | identity dist. | flicker | val loss |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in curve:
-        vals = [r.get(k, float("nan")) for k in COLUMNS]
-        print(f"| {r['step']} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    last = curve[-1]
-    margin = last.get("val/oracle/mouth_sync_margin", float("nan"))
-    print(f"\nfinal margin (sync - control): {margin:.3f}; target >= 0.5: {'met' if margin >= 0.5 else 'not met'}")
+    print(f"\nrun dir: {run_dir}\n\n{table(rows)}")
+    margin = rows[-1]["mouth_sync_margin"]
+    print(f"\nfinal mouth-sync margin over the shifted-audio control: {margin:.3f} "
+          f"(target >= 0.5: {'met' if margin >= 0.5 else 'not met'})")
     return 0
 
 

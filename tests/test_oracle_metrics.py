@@ -173,3 +173,17 @@ def test_bad_inputs_are_named():
         oracle.mouth_opening(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((3, 133, 3), np.float32))
     with pytest.raises(ValueError, match="audio must be mono"):
         oracle.audio_envelope(np.zeros((2, 100)), FPS, 2)
+
+
+def test_mouth_sync_does_not_leak_from_keypoints_on_noise(clips):
+    """The lip keypoints move with the audio; the measuring box must not, or noise frames would score sync."""
+    rng = np.random.default_rng(0)
+    syncs = []
+    for clip in clips.values() if isinstance(clips, dict) else clips:
+        if clip.meta["kind"] != "halfbody":
+            continue
+        for _ in range(4):
+            noise = rng.integers(0, 256, clip.frames.shape, dtype=np.uint8)
+            syncs.append(oracle.mouth_sync(noise, clip.kpts, clip.audio, FPS)["sync"])
+    assert len(syncs) >= 4
+    assert abs(float(np.mean(syncs))) < 0.15, syncs

@@ -104,11 +104,29 @@ def test_two_process_cpu_ddp_ranks_see_different_samples(tmp_path, world):
     keys_dir = tmp_path / "keys"
     run_dir = tmp_path / "run"
     _run([*FAST, *_world_overrides(world), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-          "trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.sample_videos.oracle_metrics=false",
+          "trainer.max_steps=4", "trainer.val_check_interval=4",
           f"+callbacks.key_recorder._target_=halfbody.callbacks.sample_keys.SampleKeyRecorder",
           f"+callbacks.key_recorder.dirpath={keys_dir}", f"hydra.run.dir={run_dir}"], tmp_path, 300)
     per_rank = {p.stem: json.loads(p.read_text()) for p in keys_dir.glob("rank*.json")}
     assert sorted(per_rank) == ["rank0", "rank1"]
     k0, k1 = per_rank["rank0"]["train"], per_rank["rank1"]["train"]
     assert len(k0) == len(k1) == 4
-    assert k0 != k1, "both ranks trained on the same sample sequence"
+    assert set(k0) != set(k1), "both ranks trained on the same samples"
+    # validation is split across ranks, not duplicated
+    assert not set(per_rank["rank0"]["val"]) & set(per_rank["rank1"]["val"])
+
+
+def test_resume_from_last_checkpoint(tmp_path, world):
+    """Checkpoints hold plain hyperparameters only, so resuming loads them with weights_only=True."""
+    import torch
+
+    first = tmp_path / "first"
+    train(_compose(FAST + _world_overrides(world) + ["callbacks.sample_videos.oracle_metrics=false"], first))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # raises on pickled objects
+    assert state["global_step"] == 3
+    second = tmp_path / "second"
+    train(_compose(FAST + _world_overrides(world) + ["callbacks.sample_videos.oracle_metrics=false",
+                                                     "trainer.max_steps=5", "trainer.val_check_interval=5",
+                                                     f"ckpt_path={ckpt}"], second))
+    assert torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from halfbody.data.media import AUDIO_SAMPLE_RATE, write_video
+from halfbody.metrics.oracle import ORACLE_METRICS, oracle_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ class SampleVideoWriter(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         samples = getattr(pl_module, "validation_samples", None) or []
-        if not samples:
-            return
-        metrics: dict[str, list[float]] = {}
+        pl_module.validation_samples = []
+        sums = torch.zeros(len(ORACLE_METRICS), dtype=torch.float64)
+        counts = torch.zeros(len(ORACLE_METRICS), dtype=torch.float64)
         paths: list[Path] = []
         for batch in samples:
             missing = [k for k in self.REQUIRED if k not in batch]
@@ -55,21 +56,23 @@ class SampleVideoWriter(L.Callback):
                 raise KeyError(f"validation sample lacks {missing}; the module must provide {list(self.REQUIRED)}")
             for i in range(batch["generated"].shape[0]):
                 if self.oracle_metrics:
-                    from halfbody.metrics.oracle import oracle_metrics
-
                     m = oracle_metrics(batch["generated"][i], batch["ref"][i], batch["kpts"][i], batch["audio"][i],
                                        float(batch["fps"][i]))
-                    for k, v in m.items():
-                        metrics.setdefault(k, []).append(float(v))
+                    for j, name in enumerate(ORACLE_METRICS):
+                        if np.isfinite(m[name]):  # nan: not measurable on this clip (e.g. hands on a headshot)
+                            sums[j] += m[name]
+                            counts[j] += 1
                 if trainer.is_global_zero and len(paths) < self.max_videos:
                     grid = side_by_side(batch["ref"][i], batch["generated"][i], batch["video"][i])
                     name = f"step{trainer.global_step:07d}_{len(paths)}_{batch['key'][i]}.mp4"
                     audio = batch["audio"][i].detach().float().cpu().numpy()
                     paths.append(write_video(self.dirpath / name, grid, float(batch["fps"][i]), audio, AUDIO_SAMPLE_RATE))
-        pl_module.validation_samples = []
-        for k, vals in metrics.items():
-            if np.isfinite(vals).any():  # nan: not measurable on this clip (e.g. hands on a headshot)
-                pl_module.log(f"val/oracle/{k}", float(np.nanmean(vals)), sync_dist=True)
+        if self.oracle_metrics:
+            # every rank takes part in the same reductions, whatever its own clips allowed it to measure
+            totals = trainer.strategy.reduce(torch.stack([sums, counts]).to(pl_module.device), reduce_op="sum").cpu()
+            for j, name in enumerate(ORACLE_METRICS):
+                if totals[1, j] > 0:
+                    pl_module.log(f"val/oracle/{name}", float(totals[0, j] / totals[1, j]), rank_zero_only=True)
         self.last_paths = paths
         if paths:
             log.info("wrote %d sample video(s) to %s", len(paths), self.dirpath)

@@ -261,6 +261,11 @@ class HalfBodyDataModule(L.LightningDataModule):
             self.bad_ledger.add_good(len(batch.get("key", ())))
         return batch
 
+    @property
+    def audio_feats_field(self) -> str | None:
+        """The precomputed audio-feature field read into ``audio_feats`` (None: features computed by the model)."""
+        return self.clip_kwargs["audio_feats_field"]
+
     # ------------------------------------------------------------------ runtime control
     def set_condition_spec(self, spec: ConditionSpec | Mapping) -> None:
         """Swap the condition settings (a phase change). See the module docstring for when workers see it."""

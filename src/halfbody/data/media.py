@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 from fractions import Fraction
 from math import gcd
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import av
 import numpy as np
 from scipy.signal import resample_poly
+
+from halfbody.utils.io import atomic_output
 
 AUDIO_SAMPLE_RATE = 16_000  # every loader works at 16 kHz mono (shared/DESIGN.md §1)
 
@@ -54,14 +55,6 @@ def read_video(data: bytes | str | os.PathLike) -> tuple[np.ndarray, float]:
     if rate is None or float(rate) <= 0:
         raise MediaError("video has no frame rate")
     return np.stack(frames), float(rate)
-
-
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, Path]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return path, Path(tmp)
 
 
 def encode_video(
@@ -106,13 +99,9 @@ def encode_video(
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, audio: np.ndarray | None = None,
                 sample_rate: int = AUDIO_SAMPLE_RATE) -> Path:
     """Write an mp4 atomically (temporary name, then rename)."""
-    path, tmp = _atomic_target(path)
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_bytes(encode_video(frames, fps, audio, sample_rate))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def read_video_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -204,13 +193,9 @@ def encode_wav(samples: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> byt
 
 def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> Path:
     """Write a 16-bit PCM WAVE file atomically."""
-    path, tmp = _atomic_target(path)
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_bytes(encode_wav(samples, sample_rate))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def resample_audio(samples: np.ndarray, source_rate: int, target_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:

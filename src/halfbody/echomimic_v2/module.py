@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from halfbody.data.conditions import to_latent_resolution
 from halfbody.models.audio_encoders import AudioEncoder
 from halfbody.models.autoencoders import Autoencoder
 from halfbody.models.schedulers import VPredictionDDIM
@@ -38,7 +37,9 @@ class EchoMimicV2Module(L.LightningModule):
         lr_scheduler: optional partial LR scheduler, called with the optimizer (stepped every step).
         noise_scheduler: the DDIM v-prediction / zero-terminal-SNR scheduler for training and sampling.
         audio_region: where audio cross-attention acts: off | lips | head | face | global (§3.2.2).
-        condition_dropout: per-sample drop probabilities of ``ref``, ``audio`` and ``pose`` (CFG training).
+        condition_dropout: per-sample drop probabilities of ``ref``, ``audio`` and ``pose`` (independent), and
+            ``uncond``: reference and audio dropped together, which trains the unconditional branch that
+            classifier-free guidance extrapolates from.
         num_inference_steps / guidance_scale: validation sampling (§4.1: CFG 2.5 on reference and audio).
         num_sample_batches: validation batches that are also sampled (the rest only give the loss).
     """
@@ -58,9 +59,16 @@ class EchoMimicV2Module(L.LightningModule):
         num_sample_batches: int = 1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "noise_scheduler"])
-        self.autoencoder = autoencoder.requires_grad_(False).eval()
-        self.audio_encoder = audio_encoder.requires_grad_(False).eval()
+        # plain values only: checkpoints must load with torch.load(weights_only=True)
+        self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "noise_scheduler",
+                                                        "optimizer", "lr_scheduler", "condition_dropout"])
+        if autoencoder.temporal_factor != 1:
+            raise ValueError(f"model.autoencoder: EchoMimicV2 denoises frame by frame and needs an image autoencoder "
+                             f"(temporal_factor 1), got temporal_factor={autoencoder.temporal_factor}")
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.autoencoder = autoencoder.requires_grad_(False)  # frozen; stays in eval mode (its train() override)
+        self.audio_encoder = audio_encoder.requires_grad_(False)
         self.network = network(
             latent_channels=autoencoder.latent_channels,
             latent_factor=autoencoder.spatial_factor,
@@ -69,10 +77,11 @@ class EchoMimicV2Module(L.LightningModule):
         )
         self.noise_scheduler = noise_scheduler
         self.audio_region = audio_region
-        self.condition_dropout = {"ref": 0.0, "audio": 0.0, "pose": 0.0, **(condition_dropout or {})}
-        unknown = set(self.condition_dropout) - {"ref", "audio", "pose"}
+        self.condition_dropout = {"ref": 0.0, "audio": 0.0, "pose": 0.0, "uncond": 0.0,
+                                  **{str(k): float(v) for k, v in (condition_dropout or {}).items()}}
+        unknown = set(self.condition_dropout) - {"ref", "audio", "pose", "uncond"}
         if unknown:
-            raise ValueError(f"model.condition_dropout has unknown keys {sorted(unknown)}; known: ref, audio, pose")
+            raise ValueError(f"model.condition_dropout has unknown keys {sorted(unknown)}; known: ref, audio, pose, uncond")
         self.validation_samples: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------------------------- phases
@@ -90,11 +99,17 @@ class EchoMimicV2Module(L.LightningModule):
         """Trainable module groups of the network (reference_net, denoising_unet, pose_encoder, audio_attention, temporal)."""
         return self.network.module_groups()
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.autoencoder.eval()
-        self.audio_encoder.eval()
-        return self
+    def setup(self, stage: str) -> None:
+        # a precomputed feature field must come from this model's audio encoder (shared/DESIGN.md §1: stale caches)
+        field = getattr(getattr(self.trainer, "datamodule", None), "audio_feats_field", None)
+        if field and self.audio_encoder.identity.lower() not in field.lower():  # webdataset lower-cases field names
+            raise ValueError(f"data.audio_feats_field={field!r} was not computed by this model's audio encoder: "
+                             f"its name must contain {self.audio_encoder.identity!r}")
+
+    def on_fit_start(self) -> None:
+        # seed_everything gives every rank the same seed: decorrelate the diffusion noise / timesteps / dropout
+        if self.trainer.world_size > 1:
+            torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % (2**63))
 
     # ----------------------------------------------------------------------------------------------- helpers
     @torch.no_grad()
@@ -120,11 +135,18 @@ class EchoMimicV2Module(L.LightningModule):
             return None, region
         return batch[f"mask_{region}"], "masked"
 
-    def _keep(self, name: str, batch_size: int) -> torch.Tensor | None:
-        p = self.condition_dropout[name]
-        if p <= 0:
-            return None
-        return torch.rand(batch_size, device=self.device) >= p
+    def condition_keep_masks(self, batch_size: int) -> dict[str, torch.Tensor | None]:
+        """Per-sample condition dropout for CFG training: ``{ref,audio,pose}_keep`` bool ``(B,)`` or ``None`` (all kept)."""
+        p = self.condition_dropout
+        uncond = torch.rand(batch_size, device=self.device) < p["uncond"]
+        keeps = {}
+        for name in ("ref", "audio", "pose"):
+            drop = torch.rand(batch_size, device=self.device) < p[name]
+            if name != "pose":
+                drop |= uncond
+            # None when nothing is dropped, so attention needs no mask (faster kernels)
+            keeps[f"{name}_keep"] = None if not bool(drop.any()) else ~drop
+        return keeps
 
     def denoise(self, noisy_latents, timesteps, cond, batch, ref_keep=None, audio_keep=None, pose_keep=None):
         """One network evaluation, ``(B, F, C, h, w)`` -> predicted velocity of the same shape."""
@@ -150,7 +172,7 @@ class EchoMimicV2Module(L.LightningModule):
         t = self.noise_scheduler.sample_timesteps(b, device=x0.device, generator=generator)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         target = self.noise_scheduler.velocity_target(x0, noise, t)
-        keeps = {f"{k}_keep": self._keep(k, b) for k in ("ref", "audio", "pose")} if dropout else {}
+        keeps = self.condition_keep_masks(b) if dropout else {}
         pred = self.denoise(xt, t, cond, batch, **keeps)
         w = self.loss_weights(batch, x0.shape)
         err = (pred.float() - target.float()).pow(2).mean(dim=2, keepdim=True)  # mean over channels
@@ -206,9 +228,12 @@ class EchoMimicV2Module(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- optim
     def configure_optimizers(self):
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = self.hparams.optimizer(params=params)
-        if self.hparams.lr_scheduler is None:
+        """One parameter group per module group, holding every network parameter: a phase that unfreezes a group
+        later trains it without rebuilding the optimizer (parameters without gradients are skipped by the step)."""
+        groups = [{"params": [p for m in mods for p in m.parameters()], "name": name}
+                  for name, mods in self.network.module_groups().items()]
+        optimizer = self.optimizer_factory(params=[g for g in groups if g["params"]])
+        if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.hparams.lr_scheduler(optimizer=optimizer)
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

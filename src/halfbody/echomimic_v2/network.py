@@ -25,6 +25,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from halfbody.utils.io import atomic_output
 from halfbody.models.pretrained import load_pretrained, require_pretrained_dir
 
 from .attention_processors import AUDIO_MODES, AttentionContext, region_tokens_by_length, token_grids
@@ -198,9 +199,10 @@ class EchoMimicV2Network(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (the full state dict) into ``directory``."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / CONFIG_NAME).write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME))
+        with atomic_output(d / WEIGHTS_NAME) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        with atomic_output(d / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2))
         return d
 
     @classmethod
@@ -218,9 +220,8 @@ class EchoMimicV2Network(nn.Module):
     def save_temporal(self, directory: str | os.PathLike) -> Path:
         """Write the temporal modules' weights to ``directory/temporal.safetensors`` (for ``temporal_dir``)."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self._temporal_state().items()},
-                  str(d / TEMPORAL_WEIGHTS_NAME))
+        with atomic_output(d / TEMPORAL_WEIGHTS_NAME) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self._temporal_state().items()}, str(tmp))
         return d
 
     def load_temporal(self, directory: str | os.PathLike, key: str = "model.network.temporal_dir") -> None:

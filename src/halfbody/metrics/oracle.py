@@ -131,31 +131,45 @@ def _membership(pixels: np.ndarray, color, tol: float) -> np.ndarray:
     return np.clip(1.0 - d / tol, 0.0, 1.0)
 
 
+NOSE_TIP = 23 + 30  # iBUG point 30: an anchor on the head that does not move with the mouth
+
+
 def mouth_opening(frames, kpts, mouth_color=MOUTH_COLOR, tolerance: float = MOUTH_TOLERANCE) -> np.ndarray:
     """Per-frame mouth opening measured from pixels, in fractions of the frame height.
 
-    The region is the lip keypoints' box grown by 35 % of the mouth width (at least 2 px) on each side;
-    the opening is the mouth-interior-coloured area in it (soft count) divided by the mouth width in
-    pixels, i.e. the mean inner-mouth height. ``nan`` for frames whose lips are not visible.
+    The measuring box must not itself follow the mouth: the lip keypoints move with the driving audio, so a box
+    fitted to them per frame would grow with the opening and correlate with the audio even on pure noise. The box
+    therefore has the clip's median lip-box size (grown by 35 % of the mouth width, at least 2 px, on each side)
+    and follows the head through the nose tip (the median lip-centre offset from the nose). The opening is the
+    mouth-interior-coloured area in it (soft count) divided by the median mouth width in pixels, i.e. the mean
+    inner-mouth height. ``nan`` for frames whose lips or nose are not visible.
     """
     x = as_frames(frames)
     k = as_kpts(kpts, x.shape[0])
-    _, h, w, _ = x.shape
-    out = np.full(x.shape[0], np.nan, np.float32)
-    for f in range(x.shape[0]):
-        lips = k[f, LIPS]
-        vis = lips[:, 2] > 0
-        if vis.sum() < 4:
-            continue
-        px, py = lips[vis, 0] * w, lips[vis, 1] * h
-        width = max(float(px.max() - px.min()), 1.0)
-        m = max(0.35 * width, 2.0)
-        x0, x1 = int(max(0, math.floor(px.min() - m))), int(min(w, math.ceil(px.max() + m)))
-        y0, y1 = int(max(0, math.floor(py.min() - m))), int(min(h, math.ceil(py.max() + m)))
+    n, h, w, _ = x.shape
+    out = np.full(n, np.nan, np.float32)
+    lips, nose = k[:, LIPS], k[:, NOSE_TIP]
+    visible = ((lips[:, :, 2] > 0).sum(1) >= 4) & (nose[:, 2] > 0)
+    if not visible.any():
+        return out
+    boxes, centres = [], []
+    for f in np.flatnonzero(visible):
+        v = lips[f, lips[f, :, 2] > 0]
+        px, py = v[:, 0] * w, v[:, 1] * h
+        boxes.append((px.max() - px.min(), py.max() - py.min()))
+        centres.append(((px.max() + px.min()) / 2 - nose[f, 0] * w, (py.max() + py.min()) / 2 - nose[f, 1] * h))
+    width, height = np.median(np.asarray(boxes), axis=0)
+    width = max(float(width), 1.0)
+    dx, dy = np.median(np.asarray(centres), axis=0)
+    m = max(0.35 * width, 2.0)
+    half_w, half_h = width / 2 + m, float(height) / 2 + m
+    for f in np.flatnonzero(visible):
+        cx, cy = nose[f, 0] * w + dx, nose[f, 1] * h + dy
+        x0, x1 = int(max(0, math.floor(cx - half_w))), int(min(w, math.ceil(cx + half_w)))
+        y0, y1 = int(max(0, math.floor(cy - half_h))), int(min(h, math.ceil(cy + half_h)))
         if x1 <= x0 or y1 <= y0:
             continue
-        area = float(_membership(x[f, y0:y1, x0:x1], mouth_color, tolerance).sum())
-        out[f] = area / width / h
+        out[f] = float(_membership(x[f, y0:y1, x0:x1], mouth_color, tolerance).sum()) / width / h
     return out
 
 
@@ -379,6 +393,11 @@ def background_flicker(frames, kpts=None, reference=None, tolerance: float = 0.1
 
 
 # ------------------------------------------------------------------------------------------ all of them
+# the keys of :func:`oracle_metrics`, in a fixed order (distributed reductions rely on it)
+ORACLE_METRICS = ("mouth_sync", "mouth_sync_control", "mouth_sync_margin", "hand_error", "hand_error_px",
+                  "hand_detect_rate", "identity_distance", "flicker")
+
+
 def oracle_metrics(generated, reference, kpts, audio, fps: float) -> dict[str, float]:
     """All oracle metrics of one clip (a leading batch dim of 1 is accepted on every input).
 

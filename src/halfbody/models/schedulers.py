@@ -30,8 +30,8 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor, bool], Union[torch.Tensor, tup
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable against ``like`` (same device and dtype)."""
-    return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    """``(B,)`` -> ``(B, 1, ..., 1)`` float32 on ``like``'s device, broadcastable against ``like``."""
+    return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def apply_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor | None, guidance_scale: float,
@@ -104,35 +104,36 @@ class VPredictionDDIM:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; ``x0``, ``noise`` ``(B, F, C, h, w)``, ``t`` ``(B,)``."""
         a, s = self._coefs(t, x0)
-        return a * x0 + s * noise
+        return (a * x0.float() + s * noise.float()).to(x0.dtype)
 
     def velocity_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0``, shape of ``x0``."""
         a, s = self._coefs(t, x0)
-        return a * noise - s * x0
+        return (a * noise.float() - s * x0.float()).to(x0.dtype)
 
     def predict_x0(self, x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One-step ``x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_pred`` (used by EchoMimicV2's PhD loss)."""
         a, s = self._coefs(t, x_t)
-        return a * x_t - s * v_pred
+        return (a * x_t.float() - s * v_pred.float()).to(x_t.dtype)
 
     def predict_noise(self, x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``eps_hat = sqrt(1 - abar_t) x_t + sqrt(abar_t) v_pred``."""
         a, s = self._coefs(t, x_t)
-        return s * x_t + a * v_pred
+        return (s * x_t.float() + a * v_pred.float()).to(x_t.dtype)
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None, t_min: int = 0,
                          t_max: int | None = None) -> torch.Tensor:
         """Uniform integer timesteps ``(batch,)`` in ``[t_min, t_max)`` (default the full ``[0, T)``).
 
-        The range lets a phase restrict a loss term to a timestep band. ``generator`` must live on the CPU; the
-        result is moved to ``device``.
+        The range lets a phase restrict a loss term to a timestep band. Drawn on ``generator``'s device when a
+        generator is given (so a CUDA generator works), then moved to ``device``.
         """
         t_max = self.num_train_timesteps if t_max is None else int(t_max)
         if not 0 <= t_min < t_max <= self.num_train_timesteps:
             raise ValueError(f"need 0 <= t_min < t_max <= {self.num_train_timesteps}, got t_min={t_min}, t_max={t_max}")
-        t = torch.randint(t_min, t_max, (batch,), generator=generator, device="cpu")
+        draw_device = generator.device if generator is not None else "cpu"
+        t = torch.randint(t_min, t_max, (batch,), generator=generator, device=draw_device)
         return t.to(device) if device is not None else t
 
     # ------------------------------------------------------------------------------------------ sampling
