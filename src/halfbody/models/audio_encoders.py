@@ -198,6 +198,22 @@ _WHISPER_EXPECTED = ("a transformers Whisper directory (config.json + model.safe
                      "preprocessor_config.json), e.g. openai/whisper-tiny")
 
 
+def _build_model(model_cls, config_cls, path, key: str, expected: str, layers: str,
+                 random_config: dict[str, Any] | None, seed: int, dtype: torch.dtype | None):
+    """A transformers model from the local directory ``path`` (config key ``key``), or seeded random weights from
+    ``random_config`` when ``path`` is None. Returns ``(model, directory or None, checkpoint name, fingerprint)``."""
+    if layers not in ("all", "last"):
+        raise ValueError(f"layers must be 'all' or 'last', got {layers!r}")
+    if path is None and random_config is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_cls(config_cls(**random_config))
+        return model, None, "random", f"s{seed}-{_config_fingerprint(random_config, seed)}"
+    model = load_pretrained(model_cls, path, key, expected, **_dtype_kwargs(dtype))
+    d = Path(os.path.expanduser(str(path)))
+    return model, d, d.name, checkpoint_fingerprint(d)
+
+
 class WhisperAudioEncoder(AudioEncoder):
     """Whisper encoder hidden states of all layers at 50 Hz, windowed per video frame (EchoMimicV2 with whisper-tiny).
 
@@ -231,18 +247,8 @@ class WhisperAudioEncoder(AudioEncoder):
         super().__init__(window=window, layer_layout=layer_layout, frozen=frozen)
         from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-        if layers not in ("all", "last"):
-            raise ValueError(f"layers must be 'all' or 'last', got {layers!r}")
-        if path is None and random_config is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = WhisperModel(WhisperConfig(**random_config))
-            fe_dir = None
-            checkpoint, fingerprint = "random", f"s{seed}-{_config_fingerprint(random_config, seed)}"
-        else:
-            model = load_pretrained(WhisperModel, path, key, _WHISPER_EXPECTED, **_dtype_kwargs(dtype))
-            fe_dir = Path(os.path.expanduser(str(path)))
-            checkpoint, fingerprint = fe_dir.name, checkpoint_fingerprint(fe_dir)
+        model, fe_dir, checkpoint, fingerprint = _build_model(WhisperModel, WhisperConfig, path, key, _WHISPER_EXPECTED,
+                                                              layers, random_config, seed, dtype)
         self.encoder = model.get_encoder()  # the decoder is dropped with ``model``
         cfg = self.encoder.config
         if fe_dir is not None and (fe_dir / "preprocessor_config.json").exists():
@@ -332,19 +338,9 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
         super().__init__(window=window, layer_layout=layer_layout, frozen=frozen)
         from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-        if layers not in ("all", "last"):
-            raise ValueError(f"layers must be 'all' or 'last', got {layers!r}")
-        if path is None and random_config is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                self.model = Wav2Vec2Model(Wav2Vec2Config(**random_config))
-            checkpoint, fingerprint = "random", f"s{seed}-{_config_fingerprint(random_config, seed)}"
-            pre = None
-        else:
-            self.model = load_pretrained(Wav2Vec2Model, path, key, _W2V_EXPECTED, **_dtype_kwargs(dtype))
-            d = Path(os.path.expanduser(str(path)))
-            checkpoint, fingerprint = d.name, checkpoint_fingerprint(d)
-            pre = d / "preprocessor_config.json"
+        self.model, d, checkpoint, fingerprint = _build_model(Wav2Vec2Model, Wav2Vec2Config, path, key, _W2V_EXPECTED,
+                                                              layers, random_config, seed, dtype)
+        pre = None if d is None else d / "preprocessor_config.json"
         if normalize is None:
             normalize = True
             if pre is not None and pre.exists():
