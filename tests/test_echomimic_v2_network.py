@@ -104,6 +104,10 @@ def test_reference_bank_and_ref_keep():
     torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-6)  # dropped: no reference influence
     # A kept sample is unaffected by another sample's dropout.
     torch.testing.assert_close(a[0], run(net, **inp)[0], rtol=1e-5, atol=1e-6)
+    # A precomputed bank (reused across sampling steps) gives the same prediction.
+    with torch.no_grad():
+        bank = net.encode_reference(inp["ref_latents"])
+    torch.testing.assert_close(run(net, **inp, reference_bank=bank), run(net, **inp), rtol=1e-5, atol=1e-6)
 
 
 def test_audio_modes_and_audio_keep():

@@ -154,6 +154,7 @@ class EchoMimicV2Module(L.LightningModule):
         return self.network(
             noisy_latents, timesteps, cond["ref_latents"], cond["audio_feats"], batch["pose"],
             audio_mask=audio_mask, audio_mode=audio_mode, ref_keep=ref_keep, audio_keep=audio_keep, pose_keep=pose_keep,
+            reference_bank=cond.get("reference_bank"),
         )
 
     def loss_weights(self, batch: dict[str, Any], latent_shape: torch.Size) -> torch.Tensor:
@@ -213,6 +214,9 @@ class EchoMimicV2Module(L.LightningModule):
         b = shape[0]
         # The unconditional branch drops reference and audio; both branches run as one batch.
         cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
+        # the ReferenceNet runs once per clip, not once per sampling step
+        cond["reference_bank"] = self.network.encode_reference(cond["ref_latents"])
+        cond2["reference_bank"] = self.network.encode_reference(cond2["ref_latents"])
         batch2 = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (b,) else v for k, v in batch.items()}
         keep = torch.cat([torch.ones(b, dtype=torch.bool, device=self.device), torch.zeros(b, dtype=torch.bool, device=self.device)])
 

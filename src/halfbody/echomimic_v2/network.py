@@ -282,11 +282,16 @@ class EchoMimicV2Network(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def encode_reference(self, ref_latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ReferenceNet features of clean reference latents ``(B, C, h, w)``: the bank the denoiser's self-attention
+        reads as extra keys and values (independent of the denoising timestep)."""
+        return self.reference_net(ref_latents)
+
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, ref_latents: torch.Tensor,
                 audio_feats: torch.Tensor | None = None, pose: torch.Tensor | None = None,
                 audio_mask: torch.Tensor | None = None, audio_mode: str = "global",
                 ref_keep: torch.Tensor | None = None, audio_keep: torch.Tensor | None = None,
-                pose_keep: torch.Tensor | None = None) -> torch.Tensor:
+                pose_keep: torch.Tensor | None = None, reference_bank: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Predict for a batch of clips.
 
         Args:
@@ -301,6 +306,8 @@ class EchoMimicV2Network(nn.Module):
             ref_keep: ``(B,)`` bool; ``False`` hides the reference from that clip (attention mask).
             audio_keep: ``(B,)`` bool/float; 0 zeroes the audio contribution of that clip.
             pose_keep: ``(B,)`` bool/float; 0 zeroes the pose features of that clip.
+            reference_bank: the output of :meth:`encode_reference` for ``ref_latents``, to reuse across sampling
+                steps (the ReferenceNet sees the clean reference at t = 0, so its features do not change).
         Returns:
             ``(B, F, C, h, w)`` prediction (whatever the training objective defines: noise / v / x0).
         """
@@ -323,7 +330,7 @@ class EchoMimicV2Network(nn.Module):
         pose_keep = _as_keep(pose_keep, b, "pose_keep", device)
 
         # ReferenceNet: once per clip, shared by its F frames (§3.1).
-        bank = self.reference_net(ref_latents.to(dtype))
+        bank = reference_bank if reference_bank is not None else self.encode_reference(ref_latents.to(dtype))
 
         # Pose Encoder: added after conv_in (§3.1).
         pose_residual = None
