@@ -11,6 +11,10 @@ worker processes get a copy of the dataset when the dataloader starts iterating,
 takes effect at the next epoch, and with ``persistent_workers=True`` only when the dataloaders are rebuilt
 (``Trainer(reload_dataloaders_every_n_epochs=1)``).
 
+``apply_phase(spec)`` maps a phase's data-side fields (``pose_groups``, ``data.kinds`` / ``headshot`` /
+``mask_margins``, ``num_frames``) onto the configured condition spec and clip length; unset fields keep the
+configured values. Pose dropout is not data-side in a phase: the model draws it per sample.
+
 Bad samples are skipped in the workers; the main process aggregates their ``(key, reason)`` records from each
 batch's ``bad_samples`` list in ``on_before_batch_transfer`` (``bad_sample_summary()``).
 
@@ -189,12 +193,14 @@ class HalfBodyDataModule(L.LightningDataModule):
         self.val_samples = None if val_samples is None else int(val_samples)
         self.val_from_train = bool(val_from_train)
         self.condition_spec = ConditionSpec.from_any(condition)
+        self._configured_condition_spec = self.condition_spec  # what apply_phase overrides field by field
         self.clip_kwargs = dict(
             num_frames=int(num_frames), fps=float(fps), height=self.height, width=self.width, crop=train_crop,
             scale_jitter=float(scale_jitter), target_head_box=tuple(_plain(target_head_box)), pad_value=int(pad_value),
             score_threshold=float(score_threshold), audio_feats_field=audio_feats_field,
         )
         ClipConfig(**self.clip_kwargs)  # validate now: errors name the argument
+        self._configured_num_frames = int(num_frames)
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.max_bad_fraction = float(max_bad_fraction)
@@ -273,6 +279,42 @@ class HalfBodyDataModule(L.LightningDataModule):
         for ds in (self.train_dataset, self.val_dataset):
             if ds is not None:
                 ds.set_condition_spec(self.condition_spec)
+
+    def apply_phase(self, spec) -> None:
+        """Apply a phase's data-side fields (a ``halfbody.phases.PhaseSpec``; see the module docstring).
+
+        Every field the phase leaves unset takes the configured value (``condition``, ``num_frames``), so the
+        result depends on this phase alone. The phase's pose dropout is drawn by the model, so a configured
+        ``condition.pose_dropout`` > 0 would drop poses twice: that is an error.
+        """
+        base = self._configured_condition_spec
+        if spec.pose_dropout is not None and base.pose_dropout > 0:
+            raise ValueError(f"data.condition.pose_dropout={base.pose_dropout} would drop poses on top of phase "
+                             f"{spec.name!r}'s pose_dropout (drawn by the model); set data.condition.pose_dropout=0")
+        fields = {"pose_groups": base.pose_groups, "pose_dropout": base.pose_dropout,
+                  "mask_margins": base.mask_margins, "headshot": base.headshot, "kinds": base.kinds}
+        if spec.pose_groups is not None:
+            fields["pose_groups"] = spec.pose_groups
+        data = {k: v for k, v in dict(spec.data).items() if v is not None}
+        if "mask_margins" in data:  # per region: regions the phase leaves out keep their configured margins
+            data["mask_margins"] = {**base.mask_margins, **dict(data["mask_margins"])}
+        fields.update(data)
+        try:
+            self.set_condition_spec(ConditionSpec(**fields))
+        except ValueError as e:
+            raise ValueError(f"phase {spec.name!r}: {e}") from None
+        self.set_num_frames(self._configured_num_frames if spec.num_frames is None else spec.num_frames)
+
+    def set_num_frames(self, num_frames: int) -> None:
+        """Change the clip length F of the samples built from now on (same timing as ``set_condition_spec``)."""
+        num_frames = int(num_frames)
+        if num_frames == self.clip_kwargs["num_frames"]:
+            return
+        self.clip_kwargs["num_frames"] = num_frames
+        clip = ClipConfig(**self.clip_kwargs)  # validates
+        for ds in (self.train_dataset, self.val_dataset):
+            if ds is not None:
+                ds.builder.clip = clip
 
     def bad_sample_summary(self) -> dict:
         """``{"good", "bad", "by_reason"}`` over all batches this process has received."""

@@ -5,8 +5,10 @@ code trains with zero-terminal-SNR DDIM), every condition on, with independent c
 Validation: the loss at fixed timesteps, plus DDIM/CFG samples that the ``SampleVideoWriter`` callback turns into
 mp4s, W&B videos and synthetic-world oracle metrics.
 
-Phase-facing attributes (set by the curriculum callbacks, never by phase name): ``audio_region`` and the
-per-group ``requires_grad`` of :meth:`module_groups`.
+Phase-facing attributes (set by the curriculum callback through :meth:`apply_phase`, never by phase name):
+``audio_region``, the per-group ``requires_grad`` of :meth:`module_groups`, ``muted_groups``, the pose dropout
+``condition_dropout["pose"]`` (drawn per sample in :meth:`condition_keep_masks`, so a per-step schedule needs no
+dataloader worker restart) and ``phase_losses``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from torch import nn
 from halfbody.models.audio_encoders import AudioEncoder
 from halfbody.models.autoencoders import Autoencoder
 from halfbody.models.schedulers import VPredictionDDIM
+from halfbody.phases.spec import PhaseSpec, check_group_names, set_trainable_groups
 
 AUDIO_REGIONS = ("off", "lips", "head", "face", "global")
+# Module groups a phase can mute: audio_attention -> audio_region "off"; pose_encoder -> no pose condition.
+MUTABLE_GROUPS = ("audio_attention", "pose_encoder")
 
 
 class EchoMimicV2Module(L.LightningModule):
@@ -83,8 +88,49 @@ class EchoMimicV2Module(L.LightningModule):
         if unknown:
             raise ValueError(f"model.condition_dropout has unknown keys {sorted(unknown)}; known: ref, audio, pose, uncond")
         self.validation_samples: list[dict[str, Any]] = []
+        # phase state; a phase field left unset (None) falls back to these configured values
+        self._configured = {"audio_region": self.audio_region, "pose_dropout": self.condition_dropout["pose"]}
+        self.muted_groups: frozenset[str] = frozenset()
+        self.phase_losses: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------- phases
+    # Loss keys a phase's ``losses`` mapping may carry. None yet: the loss code that reads ``phase_losses`` adds
+    # its keys here, so a curriculum never silently trains without the loss terms it asks for.
+    PHASE_LOSS_KEYS: tuple[str, ...] = ()
+
+    def check_phase(self, spec: PhaseSpec) -> None:
+        """Raise, naming the phase and the bad value, when ``spec`` does not fit this module: unknown or unmutable
+        groups, an unknown audio region, an audio region next to muted audio, unsupported loss keys."""
+        check_group_names(spec, self.module_groups(), MUTABLE_GROUPS, type(self).__name__)
+        if spec.audio_region is not None and spec.audio_region not in AUDIO_REGIONS:
+            raise ValueError(f"phase {spec.name!r}: audio_region={spec.audio_region!r} is not one of {AUDIO_REGIONS}")
+        if "audio_attention" in spec.muted and spec.audio_region not in (None, "off"):
+            raise ValueError(f"phase {spec.name!r}: audio_region={spec.audio_region!r} contradicts muted "
+                             f"audio_attention (muted audio means audio_region 'off')")
+        bad = sorted(set(spec.losses) - set(self.PHASE_LOSS_KEYS))
+        if bad:
+            raise ValueError(f"phase {spec.name!r}: losses key(s) {bad} are not supported by {type(self).__name__} "
+                             f"(supported: {list(self.PHASE_LOSS_KEYS)})")
+
+    def apply_phase(self, spec: PhaseSpec, step_in_phase: int = 0) -> None:
+        """Make this module train as ``spec`` says: freeze every group outside ``spec.trainable`` (requires_grad
+        False, grad None), mute ``spec.muted``, set the audio region, the phase losses and the scheduled values."""
+        self.check_phase(spec)
+        set_trainable_groups(self.module_groups(), spec.trainable)
+        self.muted_groups = frozenset(spec.muted)
+        if "audio_attention" in self.muted_groups:
+            self.audio_region = "off"
+        else:
+            self.audio_region = spec.audio_region if spec.audio_region is not None else self._configured["audio_region"]
+        self.phase_losses = dict(spec.losses)
+        self.set_phase_step(spec, step_in_phase)
+
+    def set_phase_step(self, spec: PhaseSpec, step_in_phase: int) -> dict[str, float]:
+        """Update the values ``spec`` schedules within its phase; returns them (for logging)."""
+        p = spec.pose_dropout_at(step_in_phase)
+        self.condition_dropout["pose"] = float(self._configured["pose_dropout"] if p is None else p)
+        return {"pose_dropout": self.condition_dropout["pose"]}
+
     @property
     def audio_region(self) -> str:
         return self._audio_region
@@ -151,8 +197,9 @@ class EchoMimicV2Module(L.LightningModule):
     def denoise(self, noisy_latents, timesteps, cond, batch, ref_keep=None, audio_keep=None, pose_keep=None):
         """One network evaluation, ``(B, F, C, h, w)`` -> predicted velocity of the same shape."""
         audio_mask, audio_mode = self.audio_mask_and_mode(batch)
+        pose = None if "pose_encoder" in self.muted_groups else batch["pose"]
         return self.network(
-            noisy_latents, timesteps, cond["ref_latents"], cond["audio_feats"], batch["pose"],
+            noisy_latents, timesteps, cond["ref_latents"], cond["audio_feats"], pose,
             audio_mask=audio_mask, audio_mode=audio_mode, ref_keep=ref_keep, audio_keep=audio_keep, pose_keep=pose_keep,
             reference_bank=cond.get("reference_bank"),
         )
