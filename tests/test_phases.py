@@ -170,8 +170,7 @@ def test_apply_phase_sets_groups_region_mutes_audio_and_schedules(model):
     spec2 = PhaseSpec.from_config(dict(name="audio", steps=5, trainable=list(groups), audio_region="global"))
     model.apply_phase(spec2, 0)
     assert model.audio_region == "global" and not model.muted_groups
-    assert all(p.requires_grad for p in model.parameters() if p not in set(model.autoencoder.parameters())
-               and p not in set(model.audio_encoder.parameters()))
+    assert all(p.requires_grad for p in model.network.parameters())
     assert model.condition_dropout["pose"] == model._configured["pose_dropout"]
     assert not torch.equal(_out(model, 1), _out(model, 2))
     model.apply_phase(PhaseSpec.from_config(dict(name="lips", steps=1, trainable=["audio_attention"],
@@ -187,7 +186,8 @@ def test_apply_phase_sets_groups_region_mutes_audio_and_schedules(model):
     (dict(trainable=["temporal"], audio_region="torso"), r"phase 'bad': audio_region='torso'"),
     (dict(trainable=["temporal"], muted=["audio_attention"], audio_region="lips"),
      r"phase 'bad': audio_region='lips' contradicts muted audio_attention"),
-    (dict(trainable=["temporal"], losses={"phd": {"pose": 0.1}}), r"phase 'bad': losses key\(s\) \['phd'\]"),
+    (dict(trainable=["temporal"], losses={"gan": {"weight": 0.1}}), r"phase 'bad': losses key\(s\) \['gan'\]"),
+    (dict(trainable=["temporal"], losses={"phd": {"S9": ["pose", 0.1]}}), r"PhD schedule names bands \['S9'\]"),
 ])
 def test_module_rejects_bad_phase(model, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -55,7 +55,7 @@ def pretrained_dir(tmp_path_factory):
 def test_paper_preset_loads_saved_parts_trains_and_samples(pretrained_dir, tmp_path):
     from data_pipelines.synthetic_world import generate_shards
 
-    cfg = _model_cfg([f"paths.pretrained_dir={pretrained_dir}", "model.num_inference_steps=2",
+    cfg = _model_cfg([f"paths.pretrained_dir={pretrained_dir}", "model.num_inference_steps=2", "model.phd_loss=null",
                       "+model.network.pose_block_out_channels=[8,16,32]", "+model.network.temporal_num_attention_heads=4"])
     model = hydra.utils.instantiate(cfg)
     assert model.autoencoder.spatial_factor == 4 and model.autoencoder.latent_channels == 4
@@ -68,7 +68,7 @@ def test_paper_preset_loads_saved_parts_trains_and_samples(pretrained_dir, tmp_p
                             batches_per_epoch=1, val_samples=2)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    loss = model.diffusion_loss(batch)
+    loss, _ = model.diffusion_loss(batch)
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.network.parameters() if p.requires_grad]

@@ -13,6 +13,7 @@ dataloader worker restart) and ``phase_losses``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -22,6 +23,7 @@ from torch import nn
 
 from halfbody.models.audio_encoders import AudioEncoder
 from halfbody.models.autoencoders import Autoencoder
+from halfbody.losses.phd import PhDLoss
 from halfbody.models.schedulers import VPredictionDDIM
 from halfbody.phases.spec import PhaseSpec, check_group_names, set_trainable_groups
 
@@ -47,6 +49,10 @@ class EchoMimicV2Module(L.LightningModule):
             classifier-free guidance extrapolates from.
         num_inference_steps / guidance_scale: validation sampling (§4.1: CFG 2.5 on reference and audio).
         num_sample_batches: validation batches that are also sampled (the rest only give the loss).
+        phd_loss: the Phase-specific Denoising Loss (§3.5, Eq. 2-5) added to the latent loss in training, or None.
+            A phase's ``losses: {phd: <band schedule> | null}`` reconfigures or switches it off.
+        init_checkpoint: start the network from this Lightning checkpoint's weights (the previous training stage;
+            loaded with ``weights_only=True``), optimizer and step start fresh.
     """
 
     def __init__(
@@ -62,11 +68,13 @@ class EchoMimicV2Module(L.LightningModule):
         num_inference_steps: int = 10,
         guidance_scale: float = 2.5,
         num_sample_batches: int = 1,
+        phd_loss: PhDLoss | None = None,
+        init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "noise_scheduler",
-                                                        "optimizer", "lr_scheduler", "condition_dropout"])
+                                                        "optimizer", "lr_scheduler", "condition_dropout", "phd_loss"])
         if autoencoder.temporal_factor != 1:
             raise ValueError(f"model.autoencoder: EchoMimicV2 denoises frame by frame and needs an image autoencoder "
                              f"(temporal_factor 1), got temporal_factor={autoencoder.temporal_factor}")
@@ -80,7 +88,10 @@ class EchoMimicV2Module(L.LightningModule):
             audio_dim=audio_encoder.feature_dim,
             audio_tokens=audio_encoder.tokens_per_frame,
         )
+        if init_checkpoint:
+            self.load_network_weights(init_checkpoint)
         self.noise_scheduler = noise_scheduler
+        self.phd_loss = phd_loss
         self.audio_region = audio_region
         self.condition_dropout = {"ref": 0.0, "audio": 0.0, "pose": 0.0, "uncond": 0.0,
                                   **{str(k): float(v) for k, v in (condition_dropout or {}).items()}}
@@ -89,14 +100,15 @@ class EchoMimicV2Module(L.LightningModule):
             raise ValueError(f"model.condition_dropout has unknown keys {sorted(unknown)}; known: ref, audio, pose, uncond")
         self.validation_samples: list[dict[str, Any]] = []
         # phase state; a phase field left unset (None) falls back to these configured values
-        self._configured = {"audio_region": self.audio_region, "pose_dropout": self.condition_dropout["pose"]}
+        self._configured = {"audio_region": self.audio_region, "pose_dropout": self.condition_dropout["pose"],
+                            "phd": None if phd_loss is None else (dict(phd_loss.schedule), phd_loss.enabled)}
         self.muted_groups: frozenset[str] = frozenset()
         self.phase_losses: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------- phases
-    # Loss keys a phase's ``losses`` mapping may carry. None yet: the loss code that reads ``phase_losses`` adds
-    # its keys here, so a curriculum never silently trains without the loss terms it asks for.
-    PHASE_LOSS_KEYS: tuple[str, ...] = ()
+    # Loss keys a phase's ``losses`` mapping may carry: ``phd`` (a band schedule such as
+    # ``{S1: [pose, 0.1], S2: [detail, 0.1], S3: [low, 0.1]}``, or null to switch the PhD loss off).
+    PHASE_LOSS_KEYS: tuple[str, ...] = ("phd",)
 
     def check_phase(self, spec: PhaseSpec) -> None:
         """Raise, naming the phase and the bad value, when ``spec`` does not fit this module: unknown or unmutable
@@ -111,6 +123,13 @@ class EchoMimicV2Module(L.LightningModule):
         if bad:
             raise ValueError(f"phase {spec.name!r}: losses key(s) {bad} are not supported by {type(self).__name__} "
                              f"(supported: {list(self.PHASE_LOSS_KEYS)})")
+        if spec.losses.get("phd"):
+            if self.phd_loss is None:
+                raise ValueError(f"phase {spec.name!r}: losses.phd is set but model.phd_loss is null")
+            try:
+                self.phd_loss.validate_schedule(spec.losses["phd"])
+            except ValueError as e:
+                raise ValueError(f"phase {spec.name!r}: losses.phd: {e}") from None
 
     def apply_phase(self, spec: PhaseSpec, step_in_phase: int = 0) -> None:
         """Make this module train as ``spec`` says: freeze every group outside ``spec.trainable`` (requires_grad
@@ -123,6 +142,14 @@ class EchoMimicV2Module(L.LightningModule):
         else:
             self.audio_region = spec.audio_region if spec.audio_region is not None else self._configured["audio_region"]
         self.phase_losses = dict(spec.losses)
+        if self.phd_loss is not None:
+            if "phd" not in self.phase_losses:  # the configured PhD settings
+                schedule, enabled = self._configured["phd"]
+                self.phd_loss.configure(schedule=schedule, enabled=enabled)
+            elif not self.phase_losses["phd"]:
+                self.phd_loss.configure(enabled=False)
+            else:
+                self.phd_loss.configure(schedule=self.phase_losses["phd"], enabled=True)
         self.set_phase_step(spec, step_in_phase)
 
     def set_phase_step(self, spec: PhaseSpec, step_in_phase: int) -> dict[str, float]:
@@ -212,7 +239,9 @@ class EchoMimicV2Module(L.LightningModule):
         return w
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
-                       dropout: bool = True) -> torch.Tensor:
+                       training: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_latent (v-prediction, padding excluded) plus, in training, the PhD loss of each sample's timestep
+        band (Eq. 5). Returns the loss and the components to log."""
         cond = self.encode_conditions(batch)
         x0 = cond["latents"]
         b = x0.shape[0]
@@ -220,22 +249,31 @@ class EchoMimicV2Module(L.LightningModule):
         t = self.noise_scheduler.sample_timesteps(b, device=x0.device, generator=generator)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         target = self.noise_scheduler.velocity_target(x0, noise, t)
-        keeps = self.condition_keep_masks(b) if dropout else {}
+        keeps = self.condition_keep_masks(b) if training else {}
         pred = self.denoise(xt, t, cond, batch, **keeps)
         w = self.loss_weights(batch, x0.shape)
         err = (pred.float() - target.float()).pow(2).mean(dim=2, keepdim=True)  # mean over channels
-        return (err * w).sum() / w.sum().clamp_min(1.0)
+        latent = (err * w).sum() / w.sum().clamp_min(1.0)
+        logs = {"latent": latent.detach()}
+        if not (training and self.phd_loss is not None and self.phd_loss.enabled):
+            return latent, logs
+        phd = self.phd_loss(xt, pred, t, batch["video"], decode=self.autoencoder.decode,
+                            scheduler=self.noise_scheduler, valid=batch["valid"])
+        logs.update({k: v.detach() for k, v in phd.logs.items()})
+        return latent + phd.loss.mean(), logs
 
     # ----------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch["video"].shape[0])
+        loss, parts = self.diffusion_loss(batch)
+        b = batch["video"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=b)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
-        loss = self.diffusion_loss(batch, generator=g, dropout=False)
+        loss, _ = self.diffusion_loss(batch, generator=g, training=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
         if batch_idx < self.hparams.num_sample_batches:
             generated = self.generate(batch, generator=torch.Generator(device=self.device).manual_seed(batch_idx))
@@ -276,6 +314,19 @@ class EchoMimicV2Module(L.LightningModule):
         latents = self.noise_scheduler.ddim_sample(denoise_fn, tuple(shape), num_steps=steps, guidance_scale=scale,
                                                    generator=generator, device=self.device, dtype=cond["latents"].dtype)
         return self.autoencoder.decode(latents).clamp(-1, 1)
+
+    def load_network_weights(self, path: str) -> None:
+        """Initialise the network from a Lightning checkpoint of an earlier stage (``model.init_checkpoint``)."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"model.init_checkpoint={str(p)!r} does not exist: expected a Lightning .ckpt of "
+                                    "an earlier stage (e.g. <run>/checkpoints/last.ckpt)")
+        state = torch.load(p, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "network."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"model.init_checkpoint={str(p)!r} holds no EchoMimicV2 network weights")
+        self.network.load_state_dict(weights, strict=True)
 
     # ----------------------------------------------------------------------------------------------- optim
     def configure_optimizers(self):

@@ -118,18 +118,22 @@ class PhDLoss(nn.Module):
         return cls(terms, schedule=schedule, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ config
+    def validate_schedule(self, schedule: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
+        """Parse ``schedule`` and check its bands and terms against this loss; raises a one-line ValueError."""
+        parsed = parse_schedule(schedule)
+        unknown_bands = sorted(set(parsed) - set(self.bands.names))
+        if unknown_bands:
+            raise ValueError(f"PhD schedule names bands {unknown_bands}; known: {list(self.bands.names)}")
+        missing = sorted({term for term, w in parsed.values() if w > 0 and term not in self.terms})
+        if missing:
+            raise ValueError(f"PhD schedule uses terms {missing} with weight > 0 but only "
+                             f"{sorted(self.terms)} were built")
+        return parsed
+
     def configure(self, schedule: Mapping[str, Any] | None = None, enabled: bool | None = None) -> None:
         """Change the schedule and / or the master switch (a phase spec's loss settings); validated here."""
         if schedule is not None:
-            parsed = parse_schedule(schedule)
-            unknown_bands = sorted(set(parsed) - set(self.bands.names))
-            if unknown_bands:
-                raise ValueError(f"PhD schedule names bands {unknown_bands}; known: {list(self.bands.names)}")
-            missing = sorted({term for term, w in parsed.values() if w > 0 and term not in self.terms})
-            if missing:
-                raise ValueError(f"PhD schedule uses terms {missing} with weight > 0 but only "
-                                 f"{sorted(self.terms)} were built")
-            self.schedule = parsed
+            self.schedule = self.validate_schedule(schedule)
         if enabled is not None:
             self.enabled = bool(enabled)
 
