@@ -34,6 +34,7 @@ Checkpointed: the current phase's index and name, the global step and the phase 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,10 +49,22 @@ class CurriculumCallback(L.Callback):
 
     Args:
         phases: the ordered phases, each a mapping of :class:`PhaseSpec` fields (Hydra config) or a PhaseSpec.
+        max_steps_per_phase: cut every phase to at most this many steps (a smoke run of a paper recipe on CPU:
+            same phases and settings, fewer steps); None keeps the recipe's step counts.
+        stop_at_end: end training when the last phase's steps are done (the curriculum sets the run length;
+            ``trainer.max_steps`` may still end it earlier). False keeps training in the last phase.
     """
 
-    def __init__(self, phases: Sequence[Mapping[str, Any] | PhaseSpec]):
-        self.curriculum = Curriculum(phases)
+    def __init__(self, phases: Sequence[Mapping[str, Any] | PhaseSpec], max_steps_per_phase: int | None = None,
+                 stop_at_end: bool = True):
+        curriculum = Curriculum(phases)
+        if max_steps_per_phase is not None:
+            if int(max_steps_per_phase) < 1:
+                raise ValueError(f"callbacks.curriculum.max_steps_per_phase={max_steps_per_phase!r}: must be >= 1")
+            curriculum = Curriculum([dataclasses.replace(p, steps=min(p.steps, int(max_steps_per_phase)))
+                                     for p in curriculum.phases])
+        self.curriculum = curriculum
+        self.stop_at_end = bool(stop_at_end)
         self.phase_index: int | None = None  # the phase applied to the module
         self._data_index: int | None = None  # the phase whose data-side fields the datamodule renders
         self._restored: dict[str, Any] | None = None
@@ -159,6 +172,8 @@ class CurriculumCallback(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._apply_data(trainer, int(trainer.global_step))  # the next batch belongs to this (new) global step
+        if self.stop_at_end and trainer.global_step >= self.curriculum.total_steps:
+            trainer.should_stop = True
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
