@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check bench-data bench-oracle bench-world clean
+.PHONY: install test test-slow test-all train learning-check curriculum-check bench-data bench-oracle bench-phd bench-world clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ bench-data:  ## data-loading throughput (samples/s, 2 workers)
 
 bench-oracle:  ## oracle-metric reference points (ground truth, static, noise) on the validation windows
 	$(PY) benchmarks/oracle_calibration.py
+
+bench-phd:  ## cost of the PhD loss terms per training step (ratio vs the latent loss alone)
+	$(PY) benchmarks/phd_decode_cost.py
+
+curriculum-check:  ## apdh_full on CPU (30 steps per phase), then where audio acts (lips / head / global)
+	$(PY) -m halfbody.train experiment=apdh_full preset=tiny_cpu callbacks.curriculum.max_steps_per_phase=30 trainer.val_check_interval=30 trainer.limit_val_batches=0 logger=csv hydra.run.dir=logs/apdh_full_cpu
+	$(PY) benchmarks/audio_locality.py logs/apdh_full_cpu
 
 bench-world:  ## synthetic world generation speed
 	$(PY) benchmarks/synthetic_world_speed.py
