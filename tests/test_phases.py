@@ -398,3 +398,41 @@ def test_resume_with_workers_starts_in_the_checkpointed_phase_and_data_changes_w
     late = steps[2]  # step 5: model side in 'hands', the workers still render 'lips' data until the next epoch
     assert late["phase"] == 2 and late["audio_region"] == "global" and late["frames"] == 4
     assert late["kind"] == ["headshot"] and "no_lips" in _presets_of(late["pose"], late["kpts"])
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    out: dict[int, float] = {}
+    for path in run_dir.glob("csv/**/metrics.csv"):
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                if row.get("train/loss"):
+                    out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_losses(first_run, world, tmp_path):
+    """Kill a run mid-curriculum (inside phase 'lips', at the epoch start of step 4), resume it, and compare the losses
+    with the uninterrupted run: step randomness is a function of (seed, step, rank) and an epoch's data stream of
+    (seed, rank, worker, epoch), so they must match."""
+    out, _ = first_run
+    uninterrupted = _losses(out)
+    assert sorted(uninterrupted) == list(range(7))
+    killed = tmp_path / "killed"
+    _fit(world, killed, ["logger=csv", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=4"])
+    resumed = tmp_path / "resumed"
+    rec = _fit(world, resumed, ["logger=csv", "trainer.max_steps=7",
+                                f"ckpt_path={killed / 'checkpoints' / 'step_0000004.ckpt'}"])
+    assert [r["step"] for r in rec["steps"]] == [4, 5, 6]
+    _check_steps(rec["steps"])
+    _, ref = first_run
+    for r in rec["steps"]:  # the same batches and the same weights at every resumed step
+        assert torch.equal(r["kpts"], ref["steps"][r["step"]]["kpts"]), r["step"]
+        assert all(_same(r["params"][g], ref["steps"][r["step"]]["params"][g]) for g in r["params"]), r["step"]
+    before, after = _losses(killed), _losses(resumed)
+    assert sorted(after) == [4, 5, 6]
+    for step in range(4):
+        assert before[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-7), step
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-7), step

@@ -335,7 +335,10 @@ class HalfBodyDataModule(L.LightningDataModule):
         if isinstance(dataset, TrainShardDataset):
             trainer = getattr(self, "trainer", None)
             if trainer is not None:
-                dataset.set_epoch(int(trainer.current_epoch))
+                # the data epoch follows the optimizer step, not Lightning's epoch counter: a run resumed from a
+                # checkpoint taken at an epoch's last batch restarts Lightning's epoch but must see the next one's data
+                batches_done = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+                dataset.set_epoch(batches_done // self.batches_per_epoch)
             else:
                 dataset.set_epoch(self._epochs_started)
                 self._epochs_started += 1

@@ -437,7 +437,12 @@ class _ShardDataset(IterableDataset):
         self._iterations = 0  # this copy's own count (persistent workers keep their copy across epochs)
 
     def set_epoch(self, epoch: int) -> None:
+        """Stamp the epoch (main process, before workers copy the dataset). Resets the iteration count, so an
+        epoch's stream depends only on (seed, rank, worker, epoch): a run resumed at an epoch start sees exactly
+        the batches the uninterrupted run saw. Persistent workers are not re-stamped; their own iteration count
+        keeps their epochs apart."""
         self.epoch = int(epoch)
+        self._iterations = 0
 
     def set_condition_spec(self, spec: ConditionSpec | Mapping) -> None:
         self.builder.spec = ConditionSpec.from_any(spec)

@@ -180,9 +180,13 @@ class EchoMimicV2Module(L.LightningModule):
                              f"its name must contain {self.audio_encoder.identity!r}")
 
     def on_fit_start(self) -> None:
-        # seed_everything gives every rank the same seed: decorrelate the diffusion noise / timesteps / dropout
-        if self.trainer.world_size > 1:
-            torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % (2**63))
+        self._base_seed = torch.initial_seed()  # what seed_everything set: the same in a run and its resumption
+
+    def step_generator(self) -> torch.Generator:
+        """The training step's randomness (noise, timesteps, condition dropout) as a function of (seed, global step,
+        rank): ranks draw differently, and a resumed run draws exactly what the uninterrupted run drew."""
+        seed = (getattr(self, "_base_seed", 0) * 1_000_003 + self.global_step * 8191 + self.global_rank) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     # ----------------------------------------------------------------------------------------------- helpers
     @torch.no_grad()
@@ -208,13 +212,14 @@ class EchoMimicV2Module(L.LightningModule):
             return None, region
         return batch[f"mask_{region}"], "masked"
 
-    def condition_keep_masks(self, batch_size: int) -> dict[str, torch.Tensor | None]:
+    def condition_keep_masks(self, batch_size: int, generator: torch.Generator | None = None
+                             ) -> dict[str, torch.Tensor | None]:
         """Per-sample condition dropout for CFG training: ``{ref,audio,pose}_keep`` bool ``(B,)`` or ``None`` (all kept)."""
         p = self.condition_dropout
-        uncond = torch.rand(batch_size, device=self.device) < p["uncond"]
+        uncond = torch.rand(batch_size, device=self.device, generator=generator) < p["uncond"]
         keeps = {}
         for name in ("ref", "audio", "pose"):
-            drop = torch.rand(batch_size, device=self.device) < p[name]
+            drop = torch.rand(batch_size, device=self.device, generator=generator) < p[name]
             if name != "pose":
                 drop |= uncond
             # None when nothing is dropped, so attention needs no mask (faster kernels)
@@ -249,7 +254,7 @@ class EchoMimicV2Module(L.LightningModule):
         t = self.noise_scheduler.sample_timesteps(b, device=x0.device, generator=generator)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         target = self.noise_scheduler.velocity_target(x0, noise, t)
-        keeps = self.condition_keep_masks(b) if training else {}
+        keeps = self.condition_keep_masks(b, generator) if training else {}
         pred = self.denoise(xt, t, cond, batch, **keeps)
         w = self.loss_weights(batch, x0.shape)
         err = (pred.float() - target.float()).pow(2).mean(dim=2, keepdim=True)  # mean over channels
@@ -264,7 +269,7 @@ class EchoMimicV2Module(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, parts = self.diffusion_loss(batch)
+        loss, parts = self.diffusion_loss(batch, generator=self.step_generator())
         b = batch["video"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=b)
