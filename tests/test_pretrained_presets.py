@@ -49,6 +49,15 @@ def pretrained_dir(tmp_path_factory):
                                bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
                  ).save_pretrained(root / "whisper-tiny")
     WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(root / "whisper-tiny")
+    # the PhD loss's extractors: an AlexNet backbone for LPIPS and an exported keypoint-heatmap model
+    import torchvision
+
+    alex = torchvision.models.alexnet(weights=None).state_dict()
+    (root / "lpips").mkdir()
+    torch.save({k: v for k, v in alex.items() if k.startswith("features.")}, root / "lpips" / "alexnet.pth")
+    heatmaps = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4, padding=1), torch.nn.Sigmoid()).eval()
+    program = torch.export.export(heatmaps, (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("n")},))
+    torch.export.save(program, str(root / "pose_extractor.pt2"))
     return root
 
 
@@ -76,3 +85,27 @@ def test_paper_preset_loads_saved_parts_trains_and_samples(pretrained_dir, tmp_p
     assert all(p.grad is None for p in model.autoencoder.parameters())  # frozen
     video = model.generate(batch, num_inference_steps=2)
     assert video.shape == batch["video"].shape and video.abs().max() <= 1
+
+
+def test_apdh_stage3_runs_at_paper_scale_when_the_pretrained_parts_exist(pretrained_dir, tmp_path):
+    """experiment=apdh_stage3 with the paper-scale model config (every part loaded from pretrained/), through all
+    four sub-phases; only the compute is cut down for CPU (trainer, resolution, one step per phase)."""
+    from omegaconf import open_dict
+
+    from data_pipelines.synthetic_world import generate_shards
+    from halfbody.train import train
+
+    generate_shards(tmp_path / "world", num_clips=4, num_frames=12, resolution=64, workers=0, headshot_fraction=0.5)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "experiment=apdh_stage3", f"paths.pretrained_dir={pretrained_dir}", f"data.train_shards={tmp_path}/world",
+            "trainer=cpu", "trainer.precision=32-true", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+            "logger=none", "callbacks.curriculum.max_steps_per_phase=1", "callbacks.model_checkpoint.every_n_train_steps=1",
+            "data.resolution=32", "data.batch_size=1", "data.num_workers=0",
+            "+model.network.pose_block_out_channels=[8,16,32]", "+model.network.temporal_num_attention_heads=4"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    assert cfg.model.phd_loss._target_ == "halfbody.losses.phd.PhDLoss"  # the paper-scale extractors
+    train(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and state["callbacks"]["CurriculumCallback"]["phase_name"] == "audio_body"
