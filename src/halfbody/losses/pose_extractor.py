@@ -11,6 +11,8 @@ Extractor contract (:class:`PoseExtractor`): ``forward(pixels (N, 3, H, W) in [-
 
 from __future__ import annotations
 
+import abc
+
 import os
 import warnings
 from pathlib import Path
@@ -26,7 +28,7 @@ from halfbody.models.pretrained import PretrainedNotFoundError
 __all__ = ["PoseExtractor", "RandomConvPoseExtractor", "ExportedPoseExtractor", "TorchScriptPoseExtractor", "PoseLoss"]
 
 
-class PoseExtractor(PixelLoss):
+class PoseExtractor(PixelLoss, metaclass=abc.ABCMeta):
     """Interface of ``B_P``: pixels ``(N, 3, H, W)`` in ``[-1, 1]`` -> keypoint maps ``(N, J, *)``.
 
     Shares :class:`PixelLoss`'s frozen / always-eval behaviour and ``stand_in`` / ``describe()`` labelling.
@@ -34,8 +36,9 @@ class PoseExtractor(PixelLoss):
 
     num_keypoints: int
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError(f"{type(self).__name__} must implement forward(pixels) -> (N, J, *)")
+    @abc.abstractmethod
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in ``[-1, 1]`` -> keypoint maps ``(N, J, *)``."""
 
 
 class RandomConvPoseExtractor(PoseExtractor):

@@ -25,6 +25,8 @@ MirrorMe (§3.3) feeds the whole wav2vec2 50 Hz sequence to its causal audio enc
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 import math
@@ -105,7 +107,7 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", s).strip("-") or "x"
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(nn.Module, metaclass=abc.ABCMeta):
     """Interface: ``forward(audio (B, S) at 16 kHz, num_frames, fps) -> (B, F, K, D)``; frozen by default.
 
     Subclasses set ``num_layers`` (``L``) and ``hidden_size`` (``d``) and implement :meth:`sequence_features`;
@@ -170,9 +172,9 @@ class AudioEncoder(nn.Module):
         if audio.shape[1] < 1:
             raise ValueError("audio must have at least one sample")
 
+    @abc.abstractmethod
     def sequence_features(self, audio: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` at 16 kHz -> ``(B, T50, L, d)`` hidden states at 50 Hz, ``T50 = ceil(S / 320)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement sequence_features")
 
     def windows(self, seq: torch.Tensor, num_frames: int, fps: float) -> torch.Tensor:
         """Per-frame windows of a 50 Hz sequence: ``(B, T50, L, d)`` -> ``(B, F, K, D)`` in ``layer_layout``."""

@@ -14,6 +14,8 @@ calls ``.train()``. Gradients still flow *through* them to their inputs when a c
 
 from __future__ import annotations
 
+import abc
+
 import os
 from typing import Any
 
@@ -34,7 +36,7 @@ def _check_video(video: torch.Tensor, name: str = "video", channels: int | None 
                          f"got shape {tuple(video.shape)}")
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
     """Interface: pixels ``(B, F, 3, H, W)`` in ``[-1, 1]`` <-> latents ``(B, F', C, H/f, W/f)``.
 
     Attributes:
@@ -77,13 +79,13 @@ class Autoencoder(nn.Module):
         """``F`` decoded from ``latent_frames`` latent frames: ``1 + (F' - 1) * tf``."""
         return latent_frames if self.temporal_factor == 1 else 1 + (latent_frames - 1) * self.temporal_factor
 
+    @abc.abstractmethod
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, F, 3, H, W)`` in ``[-1, 1]`` -> ``(B, F', C, H/f, W/f)`` scaled latents."""
-        raise NotImplementedError(f"{type(self).__name__} must implement encode")
 
+    @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``(B, F', C, h, w)`` -> ``(B, F, 3, h*f, w*f)`` in ``[-1, 1]``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement decode")
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, C, H/f, W/f)``: one frame (references)."""
