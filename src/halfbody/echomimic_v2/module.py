@@ -13,10 +13,8 @@ dataloader worker restart) and ``phase_losses``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,15 +22,16 @@ from torch import nn
 from halfbody.models.audio_encoders import AudioEncoder
 from halfbody.models.autoencoders import Autoencoder
 from halfbody.losses.phd import PhDLoss
+from halfbody.models.lightning_base import AnimationModule
 from halfbody.models.schedulers import VPredictionDDIM
-from halfbody.phases.spec import PhaseSpec, check_group_names, set_trainable_groups
+from halfbody.phases.spec import PhaseSpec
 
 AUDIO_REGIONS = ("off", "lips", "head", "face", "global")
 # Module groups a phase can mute: audio_attention -> audio_region "off"; pose_encoder -> no pose condition.
 MUTABLE_GROUPS = ("audio_attention", "pose_encoder")
 
 
-class EchoMimicV2Module(L.LightningModule):
+class EchoMimicV2Module(AnimationModule):
     """
     Args:
         network: builds the :class:`EchoMimicV2Network`; called with ``latent_channels``, ``latent_factor``,
@@ -71,17 +70,14 @@ class EchoMimicV2Module(L.LightningModule):
         phd_loss: PhDLoss | None = None,
         init_checkpoint: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(autoencoder, audio_encoder, optimizer, lr_scheduler, audio_region, condition_dropout,
+                         num_sample_batches)
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "noise_scheduler",
                                                         "optimizer", "lr_scheduler", "condition_dropout", "phd_loss"])
         if autoencoder.temporal_factor != 1:
             raise ValueError(f"model.autoencoder: EchoMimicV2 denoises frame by frame and needs an image autoencoder "
                              f"(temporal_factor 1), got temporal_factor={autoencoder.temporal_factor}")
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.autoencoder = autoencoder.requires_grad_(False)  # frozen; stays in eval mode (its train() override)
-        self.audio_encoder = audio_encoder.requires_grad_(False)
         self.network = network(
             latent_channels=autoencoder.latent_channels,
             latent_factor=autoencoder.spatial_factor,
@@ -92,37 +88,19 @@ class EchoMimicV2Module(L.LightningModule):
             self.load_network_weights(init_checkpoint)
         self.noise_scheduler = noise_scheduler
         self.phd_loss = phd_loss
-        self.audio_region = audio_region
-        self.condition_dropout = {"ref": 0.0, "audio": 0.0, "pose": 0.0, "uncond": 0.0,
-                                  **{str(k): float(v) for k, v in (condition_dropout or {}).items()}}
-        unknown = set(self.condition_dropout) - {"ref", "audio", "pose", "uncond"}
-        if unknown:
-            raise ValueError(f"model.condition_dropout has unknown keys {sorted(unknown)}; known: ref, audio, pose, uncond")
-        self.validation_samples: list[dict[str, Any]] = []
-        # phase state; a phase field left unset (None) falls back to these configured values
-        self._configured = {"audio_region": self.audio_region, "pose_dropout": self.condition_dropout["pose"],
-                            "phd": None if phd_loss is None else (dict(phd_loss.schedule), phd_loss.enabled)}
-        self.muted_groups: frozenset[str] = frozenset()
-        self.phase_losses: dict[str, Any] = {}
+        self._configured["phd"] = None if phd_loss is None else (dict(phd_loss.schedule), phd_loss.enabled)
 
     # ----------------------------------------------------------------------------------------------- phases
+    AUDIO_REGIONS = AUDIO_REGIONS
+    MUTABLE_GROUPS = MUTABLE_GROUPS
+    AUDIO_GROUPS = ("audio_attention",)
+    CONDITIONS = ("ref", "audio", "pose", "uncond")
     # Loss keys a phase's ``losses`` mapping may carry: ``phd`` (a band schedule such as
     # ``{S1: [pose, 0.1], S2: [detail, 0.1], S3: [low, 0.1]}``, or null to switch the PhD loss off).
     PHASE_LOSS_KEYS: tuple[str, ...] = ("phd",)
 
-    def check_phase(self, spec: PhaseSpec) -> None:
-        """Raise, naming the phase and the bad value, when ``spec`` does not fit this module: unknown or unmutable
-        groups, an unknown audio region, an audio region next to muted audio, unsupported loss keys."""
-        check_group_names(spec, self.module_groups(), MUTABLE_GROUPS, type(self).__name__)
-        if spec.audio_region is not None and spec.audio_region not in AUDIO_REGIONS:
-            raise ValueError(f"phase {spec.name!r}: audio_region={spec.audio_region!r} is not one of {AUDIO_REGIONS}")
-        if "audio_attention" in spec.muted and spec.audio_region not in (None, "off"):
-            raise ValueError(f"phase {spec.name!r}: audio_region={spec.audio_region!r} contradicts muted "
-                             f"audio_attention (muted audio means audio_region 'off')")
-        bad = sorted(set(spec.losses) - set(self.PHASE_LOSS_KEYS))
-        if bad:
-            raise ValueError(f"phase {spec.name!r}: losses key(s) {bad} are not supported by {type(self).__name__} "
-                             f"(supported: {list(self.PHASE_LOSS_KEYS)})")
+    def check_phase_losses(self, spec: PhaseSpec) -> None:
+        super().check_phase_losses(spec)
         if spec.losses.get("phd"):
             if self.phd_loss is None:
                 raise ValueError(f"phase {spec.name!r}: losses.phd is set but model.phd_loss is null")
@@ -131,78 +109,27 @@ class EchoMimicV2Module(L.LightningModule):
             except ValueError as e:
                 raise ValueError(f"phase {spec.name!r}: losses.phd: {e}") from None
 
-    def apply_phase(self, spec: PhaseSpec, step_in_phase: int = 0) -> None:
-        """Make this module train as ``spec`` says: freeze every group outside ``spec.trainable`` (requires_grad
-        False, grad None), mute ``spec.muted``, set the audio region, the phase losses and the scheduled values."""
-        self.check_phase(spec)
-        set_trainable_groups(self.module_groups(), spec.trainable)
-        self.muted_groups = frozenset(spec.muted)
-        if "audio_attention" in self.muted_groups:
-            self.audio_region = "off"
+    def configure_phase_losses(self, losses) -> None:
+        """``losses.phd``: missing -> the configured PhD settings; null -> off; a schedule -> on with it."""
+        if self.phd_loss is None:
+            return
+        if "phd" not in losses:
+            schedule, enabled = self._configured["phd"]
+            self.phd_loss.configure(schedule=schedule, enabled=enabled)
+        elif not losses["phd"]:
+            self.phd_loss.configure(enabled=False)
         else:
-            self.audio_region = spec.audio_region if spec.audio_region is not None else self._configured["audio_region"]
-        self.phase_losses = dict(spec.losses)
-        if self.phd_loss is not None:
-            if "phd" not in self.phase_losses:  # the configured PhD settings
-                schedule, enabled = self._configured["phd"]
-                self.phd_loss.configure(schedule=schedule, enabled=enabled)
-            elif not self.phase_losses["phd"]:
-                self.phd_loss.configure(enabled=False)
-            else:
-                self.phd_loss.configure(schedule=self.phase_losses["phd"], enabled=True)
-        self.set_phase_step(spec, step_in_phase)
-
-    def set_phase_step(self, spec: PhaseSpec, step_in_phase: int) -> dict[str, float]:
-        """Update the values ``spec`` schedules within its phase; returns them (for logging)."""
-        p = spec.pose_dropout_at(step_in_phase)
-        self.condition_dropout["pose"] = float(self._configured["pose_dropout"] if p is None else p)
-        return {"pose_dropout": self.condition_dropout["pose"]}
-
-    @property
-    def audio_region(self) -> str:
-        return self._audio_region
-
-    @audio_region.setter
-    def audio_region(self, region: str) -> None:
-        if region not in AUDIO_REGIONS:
-            raise ValueError(f"audio_region must be one of {AUDIO_REGIONS}, got {region!r}")
-        self._audio_region = region
-
-    def module_groups(self) -> dict[str, list[nn.Module]]:
-        """Trainable module groups of the network (reference_net, denoising_unet, pose_encoder, audio_attention, temporal)."""
-        return self.network.module_groups()
-
-    def setup(self, stage: str) -> None:
-        # a precomputed feature field must come from this model's audio encoder (shared/DESIGN.md §1: stale caches)
-        field = getattr(getattr(self.trainer, "datamodule", None), "audio_feats_field", None)
-        if field and self.audio_encoder.identity.lower() not in field.lower():  # webdataset lower-cases field names
-            raise ValueError(f"data.audio_feats_field={field!r} was not computed by this model's audio encoder: "
-                             f"its name must contain {self.audio_encoder.identity!r}")
-
-    def on_fit_start(self) -> None:
-        self._base_seed = torch.initial_seed()  # what seed_everything set: the same in a run and its resumption
-
-    def step_generator(self) -> torch.Generator:
-        """The training step's randomness (noise, timesteps, condition dropout) as a function of (seed, global step,
-        rank): ranks draw differently, and a resumed run draws exactly what the uninterrupted run drew."""
-        seed = (getattr(self, "_base_seed", 0) * 1_000_003 + self.global_step * 8191 + self.global_rank) % (2**63)
-        return torch.Generator(device=self.device).manual_seed(seed)
+            self.phd_loss.configure(schedule=losses["phd"], enabled=True)
 
     # ----------------------------------------------------------------------------------------------- helpers
     @torch.no_grad()
     def encode_conditions(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Frozen encoders: video/reference latents and audio features. Returns latents ``(B, F, C, h, w)``,
         ``ref_latents (B, C, h, w)`` and ``audio_feats (B, F, K, D)``."""
-        video = batch["video"]
-        num_frames = video.shape[1]
-        fps = float(batch["fps"][0]) if torch.is_tensor(batch["fps"]) else float(batch["fps"])
-        feats = batch.get("audio_feats")
-        if feats is None:
-            feats = self.audio_encoder(batch["audio"], num_frames=num_frames, fps=fps)
         return {
-            "latents": self.autoencoder.encode(video),
+            "latents": self.autoencoder.encode(batch["video"]),
             "ref_latents": self.autoencoder.encode_image(batch["ref"]),
-            "audio_feats": feats.to(video.dtype),
+            "audio_feats": self.audio_features(batch),
         }
 
     def audio_mask_and_mode(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, str]:
@@ -211,20 +138,6 @@ class EchoMimicV2Module(L.LightningModule):
         if region in ("off", "global"):
             return None, region
         return batch[f"mask_{region}"], "masked"
-
-    def condition_keep_masks(self, batch_size: int, generator: torch.Generator | None = None
-                             ) -> dict[str, torch.Tensor | None]:
-        """Per-sample condition dropout for CFG training: ``{ref,audio,pose}_keep`` bool ``(B,)`` or ``None`` (all kept)."""
-        p = self.condition_dropout
-        uncond = torch.rand(batch_size, device=self.device, generator=generator) < p["uncond"]
-        keeps = {}
-        for name in ("ref", "audio", "pose"):
-            drop = torch.rand(batch_size, device=self.device, generator=generator) < p[name]
-            if name != "pose":
-                drop |= uncond
-            # None when nothing is dropped, so attention needs no mask (faster kernels)
-            keeps[f"{name}_keep"] = None if not bool(drop.any()) else ~drop
-        return keeps
 
     def denoise(self, noisy_latents, timesteps, cond, batch, ref_keep=None, audio_keep=None, pose_keep=None):
         """One network evaluation, ``(B, F, C, h, w)`` -> predicted velocity of the same shape."""
@@ -267,29 +180,6 @@ class EchoMimicV2Module(L.LightningModule):
         logs.update({k: v.detach() for k, v in phd.logs.items()})
         return latent + phd.loss.mean(), logs
 
-    # ----------------------------------------------------------------------------------------------- steps
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, parts = self.diffusion_loss(batch, generator=self.step_generator())
-        b = batch["video"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=b)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        g = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
-        loss, _ = self.diffusion_loss(batch, generator=g, training=False)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
-        if batch_idx < self.hparams.num_sample_batches:
-            generated = self.generate(batch, generator=torch.Generator(device=self.device).manual_seed(batch_idx))
-            self.validation_samples.append({
-                "generated": generated, "video": batch["video"], "ref": batch["ref"], "audio": batch["audio"],
-                "kpts": batch["kpts"], "fps": batch["fps"], "key": batch["key"],
-            })
-
-    def on_validation_epoch_start(self) -> None:
-        self.validation_samples = []
-
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -319,28 +209,3 @@ class EchoMimicV2Module(L.LightningModule):
         latents = self.noise_scheduler.ddim_sample(denoise_fn, tuple(shape), num_steps=steps, guidance_scale=scale,
                                                    generator=generator, device=self.device, dtype=cond["latents"].dtype)
         return self.autoencoder.decode(latents).clamp(-1, 1)
-
-    def load_network_weights(self, path: str) -> None:
-        """Initialise the network from a Lightning checkpoint of an earlier stage (``model.init_checkpoint``)."""
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"model.init_checkpoint={str(p)!r} does not exist: expected a Lightning .ckpt of "
-                                    "an earlier stage (e.g. <run>/checkpoints/last.ckpt)")
-        state = torch.load(p, map_location="cpu", weights_only=True)["state_dict"]
-        prefix = "network."
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not weights:
-            raise ValueError(f"model.init_checkpoint={str(p)!r} holds no EchoMimicV2 network weights")
-        self.network.load_state_dict(weights, strict=True)
-
-    # ----------------------------------------------------------------------------------------------- optim
-    def configure_optimizers(self):
-        """One parameter group per module group, holding every network parameter: a phase that unfreezes a group
-        later trains it without rebuilding the optimizer (parameters without gradients are skipped by the step)."""
-        groups = [{"params": [p for m in mods for p in m.parameters()], "name": name}
-                  for name, mods in self.network.module_groups().items()]
-        optimizer = self.optimizer_factory(params=[g for g in groups if g["params"]])
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

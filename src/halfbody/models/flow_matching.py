@@ -1,0 +1,120 @@
+"""Rectified flow (MirrorMe §3.1, Eq. 2-3): linear noising, velocity targets, shifted timesteps, Euler sampling.
+
+Conventions (SD3 / LTX-Video): ``t = 0`` is data and ``t = 1`` is noise,
+
+    x_t = (1 - t) x0 + t eps            (Eq. 2)
+    u_t = d x_t / d t = eps - x0        (the velocity target of Eq. 3)
+    x0  = x_t - t v                     (one-step estimate)
+
+Timesteps are floats in ``[0, 1]``. The *shift* ``s`` maps ``t -> s t / (1 + (s - 1) t)``, which moves mass toward
+high noise (MirrorMe §4.1 trains with ``s = 17``). Sampling integrates the ODE from ``t = 1`` to ``0`` with Euler
+steps on the same shifted grid, with classifier-free guidance through the shared :func:`apply_cfg`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from halfbody.models.schedulers import DenoiseFn, apply_cfg
+
+__all__ = ["RectifiedFlow", "shift_timesteps"]
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s t / (1 + (s - 1) t)``: the SD3 / LTX resolution-dependent shift (identity for ``s = 1``)."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(f"t must be (B,) with B = {like.shape[0]}, got shape {tuple(t.shape)}")
+    return t.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class RectifiedFlow:
+    """Training maths and the Euler/CFG sampler of a rectified-flow model.
+
+    Args:
+        shift: timestep shift used when drawing training timesteps (MirrorMe §4.1: 17).
+        sample_shift: shift of the sampling grid (``None``: the training shift, so sampling visits the noise
+            levels training emphasised; the paper does not state it).
+        t_min: smallest training timestep (keeps the loss finite-weighted near data; 0 allows exact data).
+    """
+
+    def __init__(self, shift: float = 17.0, sample_shift: float | None = None, t_min: float = 0.0) -> None:
+        if not shift > 0:
+            raise ValueError(f"shift={shift!r} must be > 0")
+        if sample_shift is not None and not sample_shift > 0:
+            raise ValueError(f"sample_shift={sample_shift!r} must be > 0")
+        if not 0.0 <= t_min < 1.0:
+            raise ValueError(f"t_min={t_min!r} must lie in [0, 1)")
+        self.shift = float(shift)
+        self.sample_shift = self.shift if sample_shift is None else float(sample_shift)
+        self.t_min = float(t_min)
+
+    # ------------------------------------------------------------------------------------------ training
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+        """Shifted uniform timesteps ``(batch,)`` in ``[t_min, 1)``, float32 (drawn on the generator's device)."""
+        draw_device = generator.device if generator is not None else "cpu"
+        u = torch.rand(batch, generator=generator, device=draw_device)
+        t = shift_timesteps(u, self.shift)
+        t = self.t_min + (1.0 - self.t_min) * t
+        return t.to(device) if device is not None else t
+
+    @staticmethod
+    def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Eq. 2: ``x_t = (1 - t) x0 + t eps``; ``t`` ``(B,)``."""
+        tt = _expand(t, x0)
+        return ((1.0 - tt) * x0.float() + tt * noise.float()).to(x0.dtype)
+
+    @staticmethod
+    def velocity_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """``u_t = eps - x0`` (independent of ``t`` for the linear path)."""
+        return (noise.float() - x0.float()).to(x0.dtype)
+
+    @staticmethod
+    def predict_x0(x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x0_hat = x_t - t v``."""
+        return (x_t.float() - _expand(t, x_t) * v_pred.float()).to(x_t.dtype)
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """``num_steps + 1`` descending noise levels from 1 to 0 on the shifted grid."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r} must be >= 1")
+        return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), self.sample_shift)
+
+    @torch.no_grad()
+    def euler_sample(self, denoise_fn: DenoiseFn, shape: tuple[int, ...], num_steps: int = 15,
+                     guidance_scale: float = 2.5, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                     latents: torch.Tensor | None = None,
+                     callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Integrate ``dx/dt = v`` from pure noise (``t = 1``) to data with ``num_steps`` Euler steps and CFG.
+
+        ``denoise_fn(x_t, t, with_uncond)`` gets float timesteps ``(B,)`` in ``[0, 1]`` and returns ``v_cond`` or
+        ``(v_cond, v_uncond)`` (see :data:`~halfbody.models.schedulers.DenoiseFn`). MirrorMe §4.1: 15 steps, CFG 2.5.
+        """
+        if latents is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        x = latents.to(device=device if device is not None else latents.device, dtype=dtype)
+        sigmas = self.sigmas(num_steps)
+        with_uncond = guidance_scale != 1.0
+        for i in range(num_steps):
+            t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+            out = denoise_fn(x, t_batch, with_uncond)
+            if with_uncond:
+                if not isinstance(out, (tuple, list)) or len(out) != 2:
+                    raise TypeError("denoise_fn(x_t, t, with_uncond=True) must return (v_cond, v_uncond)")
+                v = apply_cfg(out[0], out[1], guidance_scale)
+            else:
+                v = out
+            x = (x.float() + (t_next - t) * v.float()).to(dtype)
+            if callback is not None:
+                callback(i, t_next, x)
+        return x

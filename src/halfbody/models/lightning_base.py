@@ -1,0 +1,236 @@
+"""What every halfbody model family shares as a LightningModule (docs/ARCHITECTURE.md).
+
+:class:`AnimationModule` owns the frozen autoencoder and audio encoder, the optimizer (one parameter group per
+module group, so a phase that unfreezes a group needs no new optimizer), step randomness as a function of
+(seed, step, rank) for exact resumption, the training / validation steps, validation samples for
+``SampleVideoWriter``, the phase bookkeeping (trainable and muted groups, the audio region, phase losses, pose dropout),
+and ``init_checkpoint`` (start from an earlier stage's weights).
+
+A family implements ``diffusion_loss(batch, generator, training) -> (loss, logs)``, ``generate(batch, generator=...)
+-> (B, F, 3, H, W)``, builds ``self.network`` (with ``module_groups()``), and sets the class attributes
+``AUDIO_REGIONS``, ``MUTABLE_GROUPS``, ``AUDIO_GROUPS``, ``CONDITIONS`` and ``PHASE_LOSS_KEYS``.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+from torch import nn
+
+from halfbody.models.audio_encoders import AudioEncoder
+from halfbody.models.autoencoders import Autoencoder
+from halfbody.phases.spec import PhaseSpec, check_group_names, set_trainable_groups
+
+
+class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
+    """Base LightningModule of an audio-driven animation family.
+
+    Args:
+        autoencoder: frozen video/image autoencoder.
+        audio_encoder: frozen audio encoder.
+        optimizer: partial optimizer, called with the parameter groups.
+        lr_scheduler: optional partial LR scheduler (stepped every step).
+        audio_region: where audio acts (one of ``AUDIO_REGIONS``).
+        condition_dropout: per-sample drop probabilities, keys from ``CONDITIONS``.
+        num_sample_batches: validation batches that are also sampled.
+        init_checkpoint: start the network from this Lightning checkpoint (``weights_only=True``).
+    """
+
+    AUDIO_REGIONS: tuple[str, ...] = ("off", "global")
+    MUTABLE_GROUPS: tuple[str, ...] = ()
+    AUDIO_GROUPS: tuple[str, ...] = ()  # muting all of these means audio_region "off"
+    CONDITIONS: tuple[str, ...] = ("ref", "audio", "pose")
+    PHASE_LOSS_KEYS: tuple[str, ...] = ()
+
+    network: nn.Module
+
+    def __init__(self, autoencoder: Autoencoder, audio_encoder: AudioEncoder,
+                 optimizer: Callable[..., torch.optim.Optimizer], lr_scheduler: Callable[..., Any] | None = None,
+                 audio_region: str = "global", condition_dropout: Mapping[str, float] | None = None,
+                 num_sample_batches: int = 1) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.autoencoder = autoencoder.requires_grad_(False)  # frozen; stays in eval mode (its train() override)
+        self.audio_encoder = audio_encoder.requires_grad_(False)
+        self.num_sample_batches = int(num_sample_batches)
+        self.condition_dropout = {k: 0.0 for k in self.CONDITIONS}
+        for k, v in (condition_dropout or {}).items():
+            if k not in self.CONDITIONS:
+                raise ValueError(f"model.condition_dropout has unknown key {k!r}; known: {list(self.CONDITIONS)}")
+            self.condition_dropout[str(k)] = float(v)
+        self.audio_region = audio_region
+        self.validation_samples: list[dict[str, Any]] = []
+        # phase state; a phase field left unset (None) falls back to these configured values
+        self._configured: dict[str, Any] = {"audio_region": audio_region,
+                                            "pose_dropout": self.condition_dropout.get("pose", 0.0)}
+        self.muted_groups: frozenset[str] = frozenset()
+        self.phase_losses: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------------- family API
+    @abc.abstractmethod
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                       training: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective on a batch; returns the loss and its components (detached) for logging."""
+
+    @abc.abstractmethod
+    def generate(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample clips for a batch: ``(B, F, 3, H, W)`` in ``[-1, 1]``."""
+
+    def configure_phase_losses(self, losses: Mapping[str, Any]) -> None:
+        """Apply a phase's ``losses`` mapping (validated by :meth:`check_phase_losses`); default: nothing to do."""
+
+    def check_phase_losses(self, spec: PhaseSpec) -> None:
+        bad = sorted(set(spec.losses) - set(self.PHASE_LOSS_KEYS))
+        if bad:
+            raise ValueError(f"phase {spec.name!r}: losses key(s) {bad} are not supported by {type(self).__name__} "
+                             f"(supported: {list(self.PHASE_LOSS_KEYS)})")
+
+    # ----------------------------------------------------------------------------------------------- phases
+    @property
+    def audio_region(self) -> str:
+        return self._audio_region
+
+    @audio_region.setter
+    def audio_region(self, region: str) -> None:
+        if region not in self.AUDIO_REGIONS:
+            raise ValueError(f"audio_region must be one of {self.AUDIO_REGIONS}, got {region!r}")
+        self._audio_region = region
+
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        return self.network.module_groups()
+
+    def _audio_muted(self, muted: frozenset[str] | tuple[str, ...]) -> bool:
+        return bool(self.AUDIO_GROUPS) and any(g in muted for g in self.AUDIO_GROUPS)
+
+    def check_phase(self, spec: PhaseSpec) -> None:
+        """Raise, naming the phase and the bad value, when ``spec`` does not fit this module."""
+        check_group_names(spec, self.module_groups(), self.MUTABLE_GROUPS, type(self).__name__)
+        if spec.audio_region is not None and spec.audio_region not in self.AUDIO_REGIONS:
+            raise ValueError(f"phase {spec.name!r}: audio_region={spec.audio_region!r} is not one of "
+                             f"{self.AUDIO_REGIONS}")
+        if self._audio_muted(spec.muted) and spec.audio_region not in (None, "off"):
+            muted = ", ".join(g for g in self.AUDIO_GROUPS if g in spec.muted)
+            raise ValueError(f"phase {spec.name!r}: audio_region={spec.audio_region!r} contradicts muted {muted} "
+                             "(muted audio means audio_region 'off')")
+        self.check_phase_losses(spec)
+
+    def apply_phase(self, spec: PhaseSpec, step_in_phase: int = 0) -> None:
+        """Train as ``spec`` says: freeze every group outside ``spec.trainable`` (requires_grad False, grad None),
+        mute ``spec.muted``, set the audio region, the phase losses and the scheduled values."""
+        self.check_phase(spec)
+        set_trainable_groups(self.module_groups(), spec.trainable)
+        self.muted_groups = frozenset(spec.muted)
+        if self._audio_muted(self.muted_groups):
+            self.audio_region = "off"
+        else:
+            self.audio_region = spec.audio_region if spec.audio_region is not None else self._configured["audio_region"]
+        self.phase_losses = dict(spec.losses)
+        self.configure_phase_losses(self.phase_losses)
+        self.set_phase_step(spec, step_in_phase)
+
+    def set_phase_step(self, spec: PhaseSpec, step_in_phase: int) -> dict[str, float]:
+        """Update the values ``spec`` schedules within its phase; returns them (for logging)."""
+        p = spec.pose_dropout_at(step_in_phase)
+        self.condition_dropout["pose"] = float(self._configured["pose_dropout"] if p is None else p)
+        return {"pose_dropout": self.condition_dropout["pose"]}
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        # a precomputed feature field must come from this model's audio encoder (shared/DESIGN.md §1: stale caches)
+        field = getattr(getattr(self.trainer, "datamodule", None), "audio_feats_field", None)
+        if field and self.audio_encoder.identity.lower() not in field.lower():  # webdataset lower-cases field names
+            raise ValueError(f"data.audio_feats_field={field!r} was not computed by this model's audio encoder: "
+                             f"its name must contain {self.audio_encoder.identity!r}")
+
+    def on_fit_start(self) -> None:
+        self._base_seed = torch.initial_seed()  # what seed_everything set: the same in a run and its resumption
+
+    def step_generator(self) -> torch.Generator:
+        """The training step's randomness as a function of (seed, global step, rank): ranks draw differently, and a
+        resumed run draws exactly what the uninterrupted run drew."""
+        seed = (getattr(self, "_base_seed", 0) * 1_000_003 + self.global_step * 8191 + self.global_rank) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def batch_fps(batch: dict[str, Any]) -> float:
+        fps = batch["fps"]
+        return float(fps[0]) if torch.is_tensor(fps) and fps.ndim else float(fps)
+
+    @torch.no_grad()
+    def audio_features(self, batch: dict[str, Any], num_frames: int | None = None) -> torch.Tensor:
+        """``(B, F, K, D)`` per-frame audio features: the batch's precomputed ones, else the frozen audio encoder."""
+        feats = batch.get("audio_feats")
+        if feats is None:
+            num_frames = num_frames or batch["video"].shape[1]
+            feats = self.audio_encoder(batch["audio"], num_frames=num_frames, fps=self.batch_fps(batch))
+        return feats.to(batch["video"].dtype)
+
+    def condition_keep_masks(self, batch_size: int, generator: torch.Generator | None = None
+                             ) -> dict[str, torch.Tensor | None]:
+        """Independent per-sample condition dropout for CFG training (``{name}_keep`` bool ``(B,)``, or None when
+        nothing is dropped). An ``uncond`` probability, when the family has one, drops reference and audio together."""
+        p = self.condition_dropout
+        uncond = None
+        if "uncond" in p:
+            uncond = torch.rand(batch_size, device=self.device, generator=generator) < p["uncond"]
+        keeps = {}
+        for name in ("ref", "audio", "pose"):
+            drop = torch.rand(batch_size, device=self.device, generator=generator) < p.get(name, 0.0)
+            if uncond is not None and name != "pose":
+                drop |= uncond
+            keeps[f"{name}_keep"] = None if not bool(drop.any()) else ~drop  # None: no mask (faster kernels)
+        return keeps
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.diffusion_loss(batch, generator=self.step_generator())
+        b = batch["video"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=b)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
+        loss, _ = self.diffusion_loss(batch, generator=g, training=False)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
+        if batch_idx < self.num_sample_batches:
+            generated = self.generate(batch, generator=torch.Generator(device=self.device).manual_seed(batch_idx))
+            self.validation_samples.append({
+                "generated": generated, "video": batch["video"], "ref": batch["ref"], "audio": batch["audio"],
+                "kpts": batch["kpts"], "fps": batch["fps"], "key": batch["key"],
+            })
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_samples = []
+
+    def load_network_weights(self, path: str) -> None:
+        """Initialise the network from a Lightning checkpoint of an earlier stage (``model.init_checkpoint``)."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"model.init_checkpoint={str(p)!r} does not exist: expected a Lightning .ckpt of "
+                                    "an earlier stage (e.g. <run>/checkpoints/last.ckpt)")
+        state = torch.load(p, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "network."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"model.init_checkpoint={str(p)!r} holds no {type(self).__name__} network weights")
+        self.network.load_state_dict(weights, strict=True)
+
+    # ----------------------------------------------------------------------------------------------- optim
+    def configure_optimizers(self):
+        """One parameter group per module group, holding every network parameter: a phase that unfreezes a group
+        later trains it without rebuilding the optimizer (parameters without gradients are skipped by the step)."""
+        groups = [{"params": [p for m in mods for p in m.parameters()], "name": name}
+                  for name, mods in self.module_groups().items()]
+        optimizer = self.optimizer_factory(params=[g for g in groups if g["params"]])
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
