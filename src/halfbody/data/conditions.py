@@ -37,6 +37,7 @@ from halfbody.data.keypoints import (
 
 REGIONS = ("lips", "face", "head")
 HEADSHOT_MODES = ("pad", "keep", "drop")
+FRAMINGS = ("full", "face")
 KINDS = ("halfbody", "headshot")
 
 # Margins as fractions of the keypoint box's width/height: (left, top, right, bottom). The head box is built
@@ -77,6 +78,9 @@ class ConditionSpec:
             half-body geometry, padding marked invalid), ``keep`` (crop like half-body clips) or ``drop``.
         kinds: the clip kinds that are used at all (e.g. ``[headshot]`` for the HPA step that §3.3 runs
             before half-body data is introduced).
+        framing: ``full`` (the clip's own crop) or ``face``: every clip cropped to its head box (json ``head_box``,
+            else the face keypoints enlarged by the ``head`` margins), grown to the output aspect ratio: the face
+            close-up crops of MirrorMe's first training phase (§3.4).
     """
 
     pose_groups: str | Sequence[str] = "full"
@@ -84,6 +88,7 @@ class ConditionSpec:
     mask_margins: Mapping[str, object] = field(default_factory=dict)
     headshot: str = "pad"
     kinds: Sequence[str] = KINDS
+    framing: str = "full"
 
     def __post_init__(self) -> None:
         if not isinstance(self.pose_groups, str):
@@ -106,6 +111,8 @@ class ConditionSpec:
         if bad or not kinds:
             raise ValueError(f"ConditionSpec.kinds={list(kinds)!r}: expected a non-empty subset of {list(KINDS)}")
         self.kinds = kinds
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"ConditionSpec.framing={self.framing!r}: expected one of {list(FRAMINGS)}")
 
     @property
     def groups(self) -> tuple[str, ...]:

@@ -292,7 +292,8 @@ class HalfBodyDataModule(L.LightningDataModule):
             raise ValueError(f"data.condition.pose_dropout={base.pose_dropout} would drop poses on top of phase "
                              f"{spec.name!r}'s pose_dropout (drawn by the model); set data.condition.pose_dropout=0")
         fields = {"pose_groups": base.pose_groups, "pose_dropout": base.pose_dropout,
-                  "mask_margins": base.mask_margins, "headshot": base.headshot, "kinds": base.kinds}
+                  "mask_margins": base.mask_margins, "headshot": base.headshot, "kinds": base.kinds,
+                  "framing": base.framing}
         if spec.pose_groups is not None:
             fields["pose_groups"] = spec.pose_groups
         data = {k: v for k, v in dict(spec.data).items() if v is not None}

@@ -40,6 +40,7 @@ from halfbody.data.transforms import (
     Geometry,
     audio_window,
     crop_geometry,
+    face_geometry,
     headshot_geometry,
     keypoint_box,
     reference_index,
@@ -337,8 +338,8 @@ class SampleBuilder:
     def _geometry(self, meta: dict, win_kpts: np.ndarray, spec: ConditionSpec, src_w: int, src_h: int,
                   rng: np.random.Generator | None) -> Geometry:
         c = self.clip
-        if meta["kind"] == "headshot" and spec.headshot == "pad":
-            # HPA (§3.3): json head_box, else the face keypoints box enlarged by the head-mask margins.
+        if spec.framing == "face" or (meta["kind"] == "headshot" and spec.headshot == "pad"):
+            # The head box: json head_box, else the face keypoints box enlarged by the head-mask margins.
             box = meta.get("head_box")
             if box is None:
                 fb = keypoint_box(win_kpts, REGION_KEYPOINTS["face"], c.score_threshold)
@@ -346,9 +347,11 @@ class SampleBuilder:
                     ml, mt, mr, mb = spec.mask_margins["head"]
                     bw, bh = fb[2] - fb[0], fb[3] - fb[1]
                     box = (fb[0] - ml * bw, fb[1] - mt * bh, fb[2] + mr * bw, fb[3] + mb * bh)
-            if box is not None:
+            if box is not None and spec.framing == "face":  # MirrorMe §3.4: face close-up crop
+                return face_geometry(src_w, src_h, c.width, c.height, box)
+            if box is not None:  # HPA (EchoMimicV2 §3.3)
                 return headshot_geometry(src_w, src_h, c.width, c.height, box, c.target_head_box)
-            log.debug("headshot %s has no head_box and no visible face: cropped like a half-body clip", meta)
+            log.debug("clip %s has no head_box and no visible face: cropped like a half-body clip", meta)
         crop_rng = rng if (rng is not None and c.crop == "random") else None
         return crop_geometry(src_w, src_h, c.width, c.height, crop_rng, c.scale_jitter if rng is not None else 0.0)
 

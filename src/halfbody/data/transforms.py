@@ -240,6 +240,23 @@ def headshot_geometry(src_w: int, src_h: int, out_w: int, out_h: int, head_box: 
     return Geometry(src_w, src_h, out_w, out_h, box)
 
 
+def face_geometry(src_w: int, src_h: int, out_w: int, out_h: int, head_box: Sequence[float]) -> Geometry:
+    """A face close-up (MirrorMe §3.4, first training phase): the head box grown to the output aspect ratio about its
+    centre, so the face fills the canvas; parts of the box outside the frame are padding (marked invalid)."""
+    hx0, hy0, hx1, hy1 = (float(v) for v in head_box)
+    bw, bh = (hx1 - hx0) * src_w, (hy1 - hy0) * src_h
+    if bw <= 0 or bh <= 0:
+        raise BadSample("bad head box", f"head box {list(head_box)} has no area")
+    aspect = out_w / out_h
+    if bw / bh < aspect:
+        bw = bh * aspect
+    else:
+        bh = bw / aspect
+    cx, cy = (hx0 + hx1) / 2 * src_w, (hy0 + hy1) / 2 * src_h
+    box = (int(round(cx - bw / 2)), int(round(cy - bh / 2)), int(round(cx + bw / 2)), int(round(cy + bh / 2)))
+    return Geometry(src_w, src_h, out_w, out_h, box)
+
+
 def keypoint_box(kpts: np.ndarray, indices: Sequence[int], score_threshold: float) -> np.ndarray | None:
     """The normalised box of the visible keypoints ``indices`` over all frames (median per side), or None."""
     pts = np.asarray(kpts, dtype=np.float32)[:, list(indices)]

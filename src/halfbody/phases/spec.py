@@ -14,7 +14,7 @@ YAML shape of one phase (every key but ``name``, ``steps`` and ``trainable`` is 
       pose_groups: no_lips              # keypoints.POSE_PRESETS name or a list of keypoints.KEYPOINT_GROUPS
       pose_dropout: {start: 0.0, end: 0.2}   # or a number; per-sample pose-condition dropout (model side)
       audio_region: lips                # off | lips | head | face | global (family-specific values)
-      data: {kinds: [headshot], headshot: pad, mask_margins: {head: 0.3}}   # ConditionSpec fields
+      data: {kinds: [headshot], headshot: pad, mask_margins: {head: 0.3}, framing: full}   # ConditionSpec fields
       num_frames: 24                    # clip length
       losses: {...}                     # opaque: handed to the model, which interprets it
 
@@ -38,7 +38,7 @@ from halfbody.data.keypoints import resolve_pose_groups
 
 PHASE_KEYS = ("name", "steps", "trainable", "muted", "pose_groups", "pose_dropout", "audio_region", "data",
               "num_frames", "losses")
-DATA_KEYS = ("kinds", "headshot", "mask_margins")
+DATA_KEYS = ("kinds", "headshot", "mask_margins", "framing")
 
 
 def _plain(v: Any) -> Any:
@@ -110,7 +110,8 @@ class PhaseSpec:
         pose_dropout: per-sample pose dropout probability, a number or a :class:`LinearSchedule`; None: the
             model's configured ``condition_dropout.pose``.
         audio_region: where audio acts; None: the model's configured region (muting the audio group wins).
-        data: ``ConditionSpec`` fields ``kinds``, ``headshot``, ``mask_margins``; missing keys: ``data.condition``.
+        data: ``ConditionSpec`` fields ``kinds``, ``headshot``, ``mask_margins``, ``framing``; missing keys:
+            ``data.condition``.
         num_frames: clip length; None: ``data.num_frames``.
         losses: opaque mapping handed to the model (loss terms, weights, timestep bands).
     """
