@@ -14,6 +14,8 @@ from halfbody.train import train
 from halfbody.utils.hydra import CONFIG_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("apdh*.yaml"))
+MIRRORME_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("mirrorme*.yaml"))
+TABLE1_ROWS = {"baseline", "audio_adapter", "progressive", "hand_guider"}  # MirrorMe §4.3
 TABLE2_ABLATIONS = {"no_initial_pose", "no_iterative_pose_sampling", "no_spatial_pose_sampling",
                     "no_headshot_augmentation", "no_audio_lips_sync", "no_audio_face_sync", "no_audio_body_corr",
                     "no_pose_loss", "no_detail_loss", "no_low_loss", "straightforward_baseline"}
@@ -70,11 +72,48 @@ def test_paper_scale_without_pretrained_dirs_names_the_missing_key(tmp_path):
     assert "model.autoencoder.path" in "".join(str(e) for e in (err.value, err.value.__cause__) if e)
 
 
-# apdh_stage3 (all its sub-phases) runs in the fast suite; every other experiment in `make test-slow`.
-FAST_RUNS = {"apdh_stage3"}
+def test_mirrorme_stages_full_run_and_table1_rows_exist():
+    assert {"mirrorme_stage1", "mirrorme_stage2", "mirrorme_full"} <= set(MIRRORME_EXPERIMENTS)
+    assert {f"mirrorme_ablation_{r}" for r in TABLE1_ROWS} <= set(MIRRORME_EXPERIMENTS)
 
 
-@pytest.mark.parametrize("name", [n if n in FAST_RUNS else pytest.param(n, marks=pytest.mark.slow) for n in EXPERIMENTS])
+@pytest.mark.parametrize("name", MIRRORME_EXPERIMENTS)
+def test_mirrorme_paper_scale_defaults(name):
+    cfg = _compose([f"experiment={name}"])
+    m = cfg.model
+    assert m._target_ == "halfbody.mirrorme.module.MirrorMeModule"
+    assert m.network._target_.endswith("from_pretrained_parts") and m.autoencoder._target_.endswith("LTXVideoAutoencoder")
+    assert m.audio_encoder._target_.endswith("Wav2Vec2AudioEncoder")
+    assert m.optimizer._target_ == "torch.optim.Adam" and m.optimizer.lr == 4e-6  # §4.1
+    assert (m.num_inference_steps, m.guidance_scale, m.flow.shift) == (15, 2.5, 17.0)  # §4.1
+    assert dict(m.condition_dropout) == {"ref": 0.1, "audio": 0.1, "pose": 0.1}  # §4.1
+    assert cfg.data.num_frames == 121 and list(cfg.data.resolution) == [768, 512] and cfg.data.batch_size == 1
+
+
+def test_mirrorme_recipe_reads_like_the_paper():
+    phases = OmegaConf.to_container(_compose(["experiment=mirrorme_full"]).callbacks.curriculum.phases, resolve=True)
+    assert [(p["name"], p["steps"], p["audio_region"], p["data"]["framing"], "pose_encoder" in p["trainable"])
+            for p in phases] == [("face_closeup", 10000, "global", "face", False), ("halfbody", 30000, "face", "full", True)]
+    baseline = _compose(["experiment=mirrorme_ablation_baseline"])
+    assert baseline.model.network.audio_fusion == "cross_attention"
+    assert _compose(["experiment=mirrorme_ablation_audio_adapter"]).model.network.audio_fusion == "adapter"
+    progressive = OmegaConf.to_container(_compose(["experiment=mirrorme_ablation_progressive"]).callbacks.curriculum.phases,
+                                         resolve=True)
+    assert [p["name"] for p in progressive] == ["face_closeup", "halfbody_no_hands"]
+    assert all("pose_encoder" in p["muted"] for p in progressive)
+
+
+def test_the_tiny_preset_follows_the_experiment_family():
+    assert _compose(["experiment=mirrorme_stage2", "preset=tiny_cpu"]).model.network._target_.endswith("MirrorMeTransformer.tiny")
+    assert _compose(["experiment=apdh_stage2", "preset=tiny_cpu"]).model.network._target_.endswith("EchoMimicV2Network.tiny")
+
+
+# apdh_stage3 and mirrorme_stage2 run in the fast suite; every other experiment in `make test-slow`.
+FAST_RUNS = {"apdh_stage3", "mirrorme_stage2"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_RUNS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in EXPERIMENTS + MIRRORME_EXPERIMENTS])
 def test_runs_on_cpu_with_the_tiny_preset(name, tmp_path_factory):
     data = tmp_path_factory.getbasetemp() / "experiments_data"  # one small world shared by all runs
     out = tmp_path_factory.mktemp(name)
