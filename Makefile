@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check curriculum-check bench-data bench-oracle bench-phd bench-world clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-world clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ train:  ## the default run: tiny EchoMimicV2 on the synthetic world, CPU
 
 learning-check:  ## ~20 min CPU: does the tiny preset learn audio-driven mouth sync? (benchmarks/RESULTS.md)
 	$(PY) benchmarks/learning_check.py
+
+learning-check-mirrorme:  ## the same check for the tiny MirrorMe DiT
+	$(PY) benchmarks/learning_check.py --experiment learning_check_mirrorme
 
 bench-data:  ## data-loading throughput (samples/s, 2 workers)
 	$(PY) benchmarks/data_loading.py

@@ -1,9 +1,10 @@
-"""The learning check: train the tiny EchoMimicV2 preset on the synthetic world on CPU for a fixed wall budget,
-then score every saved checkpoint's samples with the oracle metrics (mouth sync against its shifted-audio
-control, hands, identity, flicker) on the validation clips.
+"""The learning check: train a tiny preset on the synthetic world on CPU for a fixed wall budget, then score every
+saved checkpoint's samples with the oracle metrics (mouth sync against its shifted-audio control, hands, identity,
+flicker) on the validation clips. ``experiment=learning_check`` is the EchoMimicV2 family,
+``experiment=learning_check_mirrorme`` the MirrorMe family.
 
-    python benchmarks/learning_check.py [extra Hydra overrides]     # or: make learning-check
-    python benchmarks/learning_check.py --evaluate logs/learning_check/<run>   # score an existing run again
+    python benchmarks/learning_check.py [--experiment NAME] [extra Hydra overrides]   # make learning-check(-mirrorme)
+    python benchmarks/learning_check.py --evaluate logs/<experiment>/<run>   # score an existing run again
 
 Training runs the real entry point (``python -m halfbody.train experiment=learning_check``); scoring rebuilds the
 model and datamodule from the run's saved Hydra config and loads each checkpoint with ``weights_only=True``.
@@ -27,9 +28,11 @@ SHOWN = ["mouth_sync", "mouth_sync_control", "mouth_sync_margin", "hand_error", 
 
 
 @torch.no_grad()
-def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.5), steps: int = 25) -> list[dict[str, float]]:
+def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.5), steps: int | None = None
+             ) -> list[dict[str, float]]:
     """Oracle metrics of each checkpoint in ``run_dir/checkpoints`` on the run's validation clips, sampled with
-    ``steps`` DDIM steps at each classifier-free guidance scale."""
+    ``steps`` sampler steps (default: 25 for the DDIM family, the model's configured steps otherwise) at each
+    classifier-free guidance scale."""
     import hydra
     from omegaconf import OmegaConf, open_dict
 
@@ -44,6 +47,8 @@ def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.5), ste
     dm.setup("fit")
     batches = list(dm.val_dataloader())
     model = hydra.utils.instantiate(cfg.model)
+    if steps is None:
+        steps = 25 if "echomimic" in cfg.model._target_ else int(cfg.model.num_inference_steps)
     rows = []
     ckpts = sorted((run_dir / "checkpoints").glob("step_*.ckpt")) + [run_dir / "checkpoints" / "last.ckpt"]
     seen = set()
@@ -81,8 +86,11 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--evaluate"]:
         run_dir = Path(argv[1])
     else:
-        run_dir = ROOT / "logs" / "learning_check" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        cmd = [sys.executable, "-m", "halfbody.train", "experiment=learning_check", f"hydra.run.dir={run_dir}", *argv]
+        experiment = "learning_check"
+        if argv[:1] == ["--experiment"]:
+            experiment, argv = argv[1], argv[2:]
+        run_dir = ROOT / "logs" / experiment / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        cmd = [sys.executable, "-m", "halfbody.train", f"experiment={experiment}", f"hydra.run.dir={run_dir}", *argv]
         print("$", " ".join(cmd), flush=True)
         start = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -178,9 +178,9 @@ def test_rectified_flow_shift_and_targets():
 def test_two_clip_generation_is_continuous_in_audio_and_time(batch):
     model = _model(["model.num_inference_steps=2"]).eval()
     clips, feats_seen = [], []
-    decode, forward = model.autoencoder.decode, model.network.forward
+    decode, encode_conditions = model.autoencoder.decode, model.network.encode_conditions
     model.autoencoder.decode = lambda z: clips.append(decode(z)) or clips[-1]
-    model.network.forward = lambda *a, **k: feats_seen.append(a[3]) or forward(*a, **k)  # a[3]: audio features
+    model.network.encode_conditions = lambda feats, *a, **k: feats_seen.append(feats) or encode_conditions(feats, *a, **k)
 
     b, f = batch["video"].shape[:2]  # 17-frame clips: 3 latent frames, 2 of them motion frames -> 9 frames overlap
     audio = batch["audio"]
@@ -196,4 +196,6 @@ def test_two_clip_generation_is_continuous_in_audio_and_time(batch):
     # audio: one feature sequence over the whole audio, each clip fed exactly its frames' slice
     whole = model.audio_encoder(torch.nn.functional.pad(audio, (0, 16000 - audio.shape[1])), num_frames=25, fps=25.0)
     assert torch.allclose(out["audio_feats"], whole)
-    assert torch.allclose(feats_seen[0][:b], whole[:, 0:17]) and torch.allclose(feats_seen[-1][:b], whole[:, 8:25])
+    conditional = [f for f in feats_seen if f.shape[0] == b]  # per clip: the conditional branch's features
+    assert len(conditional) == 2
+    assert torch.allclose(conditional[0], whole[:, 0:17]) and torch.allclose(conditional[1], whole[:, 8:25])

@@ -74,7 +74,7 @@ def _make_inputs(d: Path) -> dict:
     info["rotated"] = talker_video(d / "rotated.mp4", index=7, seconds=1.2, canvas=(144, 256), person=144,
                                    rotation=90, dot=DOT)
     info["big"] = talker_video(d / "big.mp4", index=8, seconds=1.0, fps=8, canvas=(3840, 2160), person=720,
-                               dot=DOT, dot_radius=12)
+                               dot=DOT, dot_radius=20)
     talker_video(d / "vfr.mp4", index=9, seconds=1.2, canvas=CANVAS, vfr=True)
     talker_video(d / "nosidecar.mp4", index=10, seconds=1.2, canvas=CANVAS, sidecar=False)
     talker_video(d / "twopeople.mp4", index=11, seconds=1.2, canvas=(320, 144), person=144, people=2)
@@ -191,11 +191,15 @@ def test_shards_load_in_datamodule(made):
     assert dm.bad_ledger.num_bad == 0
 
 
-def _dot_centre(frame: np.ndarray) -> tuple[float, float, int]:
-    f = frame.astype(np.int32)
-    m = (f[..., 1] > 190) & (f[..., 0] < 70) & (f[..., 2] < 70)  # pure green (no glove of these identities)
-    ys, xs = np.nonzero(m)
-    return float(xs.mean() + 0.5), float(ys.mean() + 0.5), int(m.sum())
+def _dot_centre(frame: np.ndarray, near: tuple[float, float], radius: int = 8) -> tuple[float, float, int]:
+    """Greenness-weighted centre of the pure-green dot within ``radius`` px of ``near`` (gloves are far away)."""
+    f = frame.astype(np.float64)
+    g = np.clip(f[..., 1] - np.maximum(f[..., 0], f[..., 2]) - 60, 0, None)
+    ys, xs = np.mgrid[0 : frame.shape[0], 0 : frame.shape[1]]
+    g[(np.abs(xs + 0.5 - near[0]) > radius) | (np.abs(ys + 0.5 - near[1]) > radius)] = 0
+    if g.sum() == 0:
+        return float("nan"), float("nan"), 0
+    return float((g * (xs + 0.5)).sum() / g.sum()), float((g * (ys + 0.5)).sum() / g.sum()), int((g > 0).sum())
 
 
 @pytest.mark.parametrize("name", ["alice", "rotated", "big"])
@@ -210,8 +214,8 @@ def test_keypoint_dot_lands_on_its_pixel(made, name):
         kpts = np.load(io.BytesIO(s["kpts.npy"]))
         size = frames.shape[1]
         for t in (0, len(frames) // 2, len(frames) - 1):
-            x, y, area = _dot_centre(frames[t])
             kx, ky, score = kpts[t, DOT[0]]
+            x, y, area = _dot_centre(frames[t], (kx * size, ky * size))
             assert score == 1.0 and 2 <= area <= 80, (key, t, area, score)
             assert abs(x - kx * size) <= 1.0 and abs(y - ky * size) <= 1.0, (key, t, (x, y), (kx * size, ky * size))
 

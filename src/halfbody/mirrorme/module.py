@@ -190,14 +190,19 @@ class MirrorMeModule(AnimationModule):
         keep2 = torch.cat([ones, ~ones])
         twice = (lambda v: None if v is None else torch.cat([v, v]))
 
+        # audio and pose features do not depend on x_t or t: encode them once for all steps
+        net = self.network
+        cond1 = net.encode_conditions(audio_feats, pose)
+        cond2 = net.encode_conditions(twice(audio_feats), twice(pose), audio_keep=keep2, pose_keep=keep2)
+
         def denoise_fn(x_t: torch.Tensor, t: torch.Tensor, with_uncond: bool):
             x_t = hold(x_t)
             if not with_uncond:
-                return self.network(x_t, t, ref_latents, audio_feats, pose, fps=fps, face_mask=face_mask,
-                                    clean_latent_frames=m)
-            v = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]), twice(ref_latents), twice(audio_feats),
-                             twice(pose), fps=fps, face_mask=twice(face_mask), clean_latent_frames=m,
-                             ref_keep=keep2, audio_keep=keep2, pose_keep=None if pose is None else keep2)
+                return net(x_t, t, ref_latents, None, fps=fps, face_mask=face_mask, clean_latent_frames=m,
+                           conditions=cond1)
+            v = net(torch.cat([x_t, x_t]), torch.cat([t, t]), twice(ref_latents), None, fps=fps,
+                    face_mask=twice(face_mask), clean_latent_frames=m, ref_keep=keep2, audio_keep=keep2,
+                    conditions=cond2)
             return v.chunk(2)
 
         latents = self.flow.euler_sample(denoise_fn, tuple(latent_shape), num_steps=steps, guidance_scale=scale,

@@ -184,7 +184,10 @@ class MirrorMeTransformer(nn.Module):
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            transformer = LTXVideoTransformer3DModel(**{**tiny_ltx_config(latent_channels), **(transformer_config or {})})
+            config = {**tiny_ltx_config(latent_channels), **(transformer_config or {})}
+            # LTX projects captions to the hidden size, which its text cross-attention then reads
+            config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+            transformer = LTXVideoTransformer3DModel(**config)
             kwargs.setdefault("audio_dim", 64)
             kwargs.setdefault("audio_tokens", 4)
             kwargs.setdefault("audio_encoder_channels", 64)
@@ -229,7 +232,8 @@ class MirrorMeTransformer(nn.Module):
                 audio_feats: torch.Tensor | None, pose: torch.Tensor | None = None, *, fps: float,
                 face_mask: torch.Tensor | None = None, clean_latent_frames: int = 0,
                 ref_keep: torch.Tensor | None = None, audio_keep: torch.Tensor | None = None,
-                pose_keep: torch.Tensor | None = None, return_token_timesteps: bool = False):
+                pose_keep: torch.Tensor | None = None, conditions: dict[str, torch.Tensor | None] | None = None,
+                return_token_timesteps: bool = False):
         """Predict the velocity of every video latent.
 
         Args:
@@ -242,6 +246,8 @@ class MirrorMeTransformer(nn.Module):
             face_mask: ``(B, F', h, w)`` latent-resolution face mask gating audio attention; None: no gating.
             clean_latent_frames: leading latent frames that are clean motion frames (timestep 0).
             ref_keep / audio_keep / pose_keep: ``(B,)``; 0 zeroes that condition for that clip (CFG dropout).
+            conditions: :meth:`encode_conditions` of ``audio_feats`` / ``pose`` computed once for every sampling step
+                (they do not depend on ``x_t`` or ``t``); ``audio_feats`` and ``pose`` are then ignored.
             return_token_timesteps: also return the ``(B, N)`` per-token timesteps fed to LTX (tests).
         Returns:
             ``(B, F', C, h, w)`` velocity (and the per-token timesteps when asked).
@@ -260,7 +266,6 @@ class MirrorMeTransformer(nn.Module):
         dtype = noisy_latents.dtype
         ref_keep = _keep(ref_keep, b, "ref_keep", noisy_latents)
         audio_keep = _keep(audio_keep, b, "audio_keep", noisy_latents)
-        pose_keep = _keep(pose_keep, b, "pose_keep", noisy_latents)
         hw = h * w
 
         # §3.2: reference tokens first, then video tokens in (frame, row, column) order
@@ -271,24 +276,18 @@ class MirrorMeTransformer(nn.Module):
         ref_h, vid_h = hidden[:, :hw], hidden[:, hw:]
 
         # §3.3: a_glo added per latent frame; §3.4: hand guider added per token
-        a_loc = None
-        if audio_feats is not None:
-            if self.audio_encoder is not None:
-                a_glo, a_loc = self.audio_encoder(audio_feats.to(dtype))
-                if a_glo.shape[1] != fl:
-                    raise ValueError(f"audio features cover {a_glo.shape[1]} latent frames, the video has {fl}")
-                if audio_keep is not None:
-                    a_glo = a_glo * audio_keep.view(b, 1, 1)
-                vid_h = vid_h + a_glo.repeat_interleave(hw, dim=1)
-            else:  # baseline: one raw feature token per video frame of the clip
-                a_loc = audio_feats.to(dtype).flatten(2).unsqueeze(1)  # (B, 1, F, K*D)
-        if pose is not None and self.hand_pose_encoder is not None:
-            p = self.hand_pose_encoder(pose.to(dtype))  # (B, F', h, w, D)
-            if p.shape[1:4] != (fl, h, w):
-                raise ValueError(f"pose maps give a {tuple(p.shape[1:4])} latent grid, the video is {(fl, h, w)}")
-            if pose_keep is not None:
-                p = p * pose_keep.view(b, 1, 1, 1, 1)
-            vid_h = vid_h + p.flatten(1, 3)
+        if conditions is None:
+            conditions = self.encode_conditions(audio_feats, pose, audio_keep=audio_keep, pose_keep=pose_keep)
+        a_loc = conditions["a_loc"]
+        if conditions["a_glo"] is not None:
+            if conditions["a_glo"].shape[1] != fl:
+                raise ValueError(f"audio features cover {conditions['a_glo'].shape[1]} latent frames, the video has {fl}")
+            vid_h = vid_h + conditions["a_glo"].repeat_interleave(hw, dim=1)
+        if conditions["pose"] is not None:
+            if conditions["pose"].shape[1:4] != (fl, h, w):
+                raise ValueError(f"pose maps give a {tuple(conditions['pose'].shape[1:4])} latent grid, the video is "
+                                 f"{(fl, h, w)}")
+            vid_h = vid_h + conditions["pose"].flatten(1, 3)
         hidden = torch.cat([ref_h, vid_h], dim=1)
 
         t_tokens = token_timesteps(timesteps.float(), num_reference_tokens=hw, latent_frames=fl,
@@ -317,6 +316,28 @@ class MirrorMeTransformer(nn.Module):
         out = tr.proj_out(tr.norm_out(hidden) * (1 + scale) + shift)[:, hw:]  # video tokens only
         velocity = out.reshape(b, fl, h, w, c).permute(0, 1, 4, 2, 3)
         return (velocity, t_tokens) if return_token_timesteps else velocity
+
+    def encode_conditions(self, audio_feats: torch.Tensor | None, pose: torch.Tensor | None,
+                          audio_keep: torch.Tensor | None = None, pose_keep: torch.Tensor | None = None
+                          ) -> dict[str, torch.Tensor | None]:
+        """The timestep-independent condition features: ``a_glo (B, F', D)``, ``a_loc`` (``(B, F', n, C_a)``, or
+        ``(B, 1, F, K*D)`` raw tokens for the baseline) and hand-guider ``pose`` features ``(B, F', h, w, D)``; each
+        None when its input is, with the keep masks applied."""
+        out: dict[str, torch.Tensor | None] = {"a_glo": None, "a_loc": None, "pose": None}
+        dtype = self.transformer.proj_in.weight.dtype
+        if audio_feats is not None:
+            b = audio_feats.shape[0]
+            if self.audio_encoder is not None:
+                a_glo, out["a_loc"] = self.audio_encoder(audio_feats.to(dtype))
+                keep = _keep(audio_keep, b, "audio_keep", a_glo)
+                out["a_glo"] = a_glo if keep is None else a_glo * keep.view(b, 1, 1)
+            else:  # baseline: one raw feature token per video frame of the clip
+                out["a_loc"] = audio_feats.to(dtype).flatten(2).unsqueeze(1)  # (B, 1, F, K*D)
+        if pose is not None and self.hand_pose_encoder is not None:
+            p = self.hand_pose_encoder(pose.to(dtype))
+            keep = _keep(pose_keep, p.shape[0], "pose_keep", p)
+            out["pose"] = p if keep is None else p * keep.view(-1, 1, 1, 1, 1)
+        return out
 
     def _adapt(self, adapter: AudioAdapter, hidden: torch.Tensor, a_loc: torch.Tensor, face_mask: torch.Tensor | None,
                audio_keep: torch.Tensor | None, b: int, fl: int, hw: int) -> torch.Tensor:

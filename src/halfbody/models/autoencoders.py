@@ -279,17 +279,19 @@ class LTXVideoAutoencoder(Autoencoder):
         tiling: spatial/temporal tiling for large videos (diffusers ``enable_tiling``).
         dtype: optional dtype to load the VAE in (inputs are cast to it, outputs cast back).
         frozen: no grads and eval mode (default).
+        vae: an already-built ``AutoencoderKLLTXVideo`` to wrap instead of loading ``path`` (benchmarks with
+            random weights).
     """
 
     def __init__(self, path: str | os.PathLike | None, key: str = "model.autoencoder.path",
                  sample_posterior: bool = False, decode_timestep: float = 0.0,
                  decode_noise_scale: float | None = None, slicing: bool = True, tiling: bool = False,
-                 dtype: torch.dtype | None = None, frozen: bool = True) -> None:
+                 dtype: torch.dtype | None = None, frozen: bool = True, vae: nn.Module | None = None) -> None:
         super().__init__(frozen=frozen)
         from diffusers import AutoencoderKLLTXVideo
 
         kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
-        self.vae = load_pretrained(AutoencoderKLLTXVideo, path, key, _LTX_EXPECTED, **kwargs)
+        self.vae = vae if vae is not None else load_pretrained(AutoencoderKLLTXVideo, path, key, _LTX_EXPECTED, **kwargs)
         # Batch slicing is done here rather than with ``vae.enable_slicing()``: diffusers 0.42's sliced decode
         # mis-pairs latents and ``temb`` (it iterates a tuple instead of zipping), so timestep decoders break.
         self.slicing = slicing
