@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-world clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-phd:  ## cost of the PhD loss terms per training step (ratio vs the latent
 curriculum-check:  ## apdh_full on CPU (30 steps per phase), then where audio acts (lips / head / global)
 	$(PY) -m halfbody.train experiment=apdh_full preset=tiny_cpu callbacks.curriculum.max_steps_per_phase=30 trainer.val_check_interval=30 trainer.limit_val_batches=0 logger=csv hydra.run.dir=logs/apdh_full_cpu
 	$(PY) benchmarks/audio_locality.py logs/apdh_full_cpu
+
+bench-dit:  ## MirrorMe generation frames per second (tiny on CPU; pass ARGS="--size paper --dtype bf16" on a GPU)
+	$(PY) benchmarks/dit_generation_fps.py $(ARGS)
 
 bench-world:  ## synthetic world generation speed
 	$(PY) benchmarks/synthetic_world_speed.py
