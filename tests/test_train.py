@@ -58,8 +58,11 @@ def test_default_config_composes_to_tiny_echomimic_on_synthetic_world(tmp_path):
     assert resolved["paths"]["output_dir"] == str(tmp_path)
 
 
-def test_short_fit_writes_checkpoint_and_sample_video(tmp_path, world):
-    cfg = _compose(FAST + _world_overrides(world), tmp_path)
+@pytest.mark.parametrize("family", ["echomimic_v2", "mirrorme"])
+def test_short_fit_writes_checkpoint_and_sample_video(tmp_path, world, family):
+    """Both families, interchangeably, on the same datamodule and shards: checkpoint, sample mp4s, oracle metrics."""
+    cfg = _compose(FAST + _world_overrides(world) + [f"family={family}"], tmp_path)
+    assert cfg.model._target_.lower().endswith(f"{family.replace('_', '')}module")
     metrics = train(cfg)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     videos = list((tmp_path / "samples").glob("*.mp4"))
