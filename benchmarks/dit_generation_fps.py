@@ -37,7 +37,7 @@ def build(size: str, device: str, dtype: torch.dtype):
     else:
         from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
         from omegaconf import OmegaConf
-        from transformers import Wav2Vec2Config, Wav2Vec2Model
+        from transformers import Wav2Vec2Config
 
         from halfbody.mirrorme.module import MirrorMeModule
         from halfbody.mirrorme.transformer import MirrorMeTransformer

@@ -8,6 +8,8 @@ import torch
 from halfbody.models.autoencoders import Autoencoder, KLAutoencoder, LTXVideoAutoencoder, PatchAutoencoder
 from halfbody.models.pretrained import PretrainedNotFoundError
 
+from pretrained_parts import save_tiny_ltx_vae
+
 
 def _video(b: int, f: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -106,26 +108,9 @@ def test_kl_autoencoder_missing_dir_names_key(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------- LTX video VAE
 
 
-def _save_tiny_ltx(path, timestep_conditioning: bool) -> None:
-    from diffusers import AutoencoderKLLTXVideo
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8),
-                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-                                decoder_layers_per_block=(1, 1, 1, 1, 1),
-                                spatio_temporal_scaling=(True, True, True, False),
-                                decoder_spatio_temporal_scaling=(True, True, True, False),
-                                decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
-                                upsample_factor=(1,) * 4, timestep_conditioning=timestep_conditioning)
-    # non-trivial per-channel statistics, so the normalisation is exercised
-    vae.latents_mean.copy_(torch.linspace(-0.5, 0.5, 8))
-    vae.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
-    vae.save_pretrained(path)
-
-
 @pytest.mark.parametrize("timestep_conditioning", [False, True])
 def test_ltx_autoencoder_load_encode_decode(tmp_path, timestep_conditioning: bool) -> None:
-    _save_tiny_ltx(tmp_path / "ltx_vae", timestep_conditioning)
+    save_tiny_ltx_vae(tmp_path / "ltx_vae", timestep_conditioning)
     ae = LTXVideoAutoencoder(tmp_path / "ltx_vae", key="model.autoencoder.path", decode_timestep=0.05,
                              decode_noise_scale=0.0)
     assert (ae.latent_channels, ae.spatial_factor, ae.temporal_factor) == (8, 32, 8)

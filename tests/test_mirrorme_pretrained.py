@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from halfbody.utils.hydra import CONFIG_DIR
+from pretrained_parts import save_tiny_ltx_vae
 
 # the paper-scale network config with widths cut to the tiny saved parts (the classes and loading path are the same)
 SMALL = ["model.network.adapter_heads=2", "model.network.adapter_head_dim=8", "model.network.audio_dim=16",
@@ -26,7 +27,7 @@ def _compose(overrides: list[str]):
 @pytest.fixture(scope="module")
 def pretrained_dir(tmp_path_factory):
     """Tiny random stand-ins of LTX-Video 2B (diffusers layout) and wav2vec2-base in the layout the config expects."""
-    from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+    from diffusers import LTXVideoTransformer3DModel
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     from halfbody.mirrorme.transformer import tiny_ltx_config
@@ -35,15 +36,7 @@ def pretrained_dir(tmp_path_factory):
     torch.manual_seed(0)
     LTXVideoTransformer3DModel(**tiny_ltx_config(8, num_layers=2, caption_channels=16)).save_pretrained(
         root / "LTX-Video" / "transformer")
-    vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8),
-                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-                                decoder_layers_per_block=(1, 1, 1, 1, 1),
-                                spatio_temporal_scaling=(True, True, True, False),
-                                decoder_spatio_temporal_scaling=(True, True, True, False),
-                                decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
-                                upsample_factor=(1,) * 4, timestep_conditioning=False)
-    vae.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
-    vae.save_pretrained(root / "LTX-Video" / "vae")
+    save_tiny_ltx_vae(root / "LTX-Video" / "vae")
     Wav2Vec2Model(Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                  conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
                   ).save_pretrained(root / "wav2vec2-base")

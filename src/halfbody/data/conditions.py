@@ -34,6 +34,7 @@ from halfbody.data.keypoints import (
     RIGHT_HAND,
     resolve_pose_groups,
 )
+from halfbody.utils.containers import to_plain
 
 REGIONS = ("lips", "face", "head")
 HEADSHOT_MODES = ("pad", "keep", "drop")
@@ -130,17 +131,8 @@ class ConditionSpec:
             unknown = sorted(set(spec) - known)
             if unknown:
                 raise ValueError(f"condition spec has unknown key(s) {unknown}; known: {sorted(known)}")
-            return cls(**{k: _plain(v) for k, v in spec.items()})
+            return cls(**{k: to_plain(v) for k, v in spec.items()})
         raise TypeError(f"condition spec must be a ConditionSpec or a mapping, got {type(spec).__name__}")
-
-
-def _plain(v):
-    """OmegaConf containers -> plain python (without importing omegaconf)."""
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
-        return [_plain(x) for x in v]
-    return v
 
 
 # ------------------------------------------------------------------------------------------ pose maps

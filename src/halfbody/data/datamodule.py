@@ -49,6 +49,7 @@ from halfbody.data.dataset import (
     collate_samples,
 )
 from halfbody.data.transforms import parse_resolution
+from halfbody.utils.containers import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,9 @@ class HalfBodyDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.synthetic = bool(synthetic)
-        self.train_shards_spec = _plain(train_shards)
-        self.val_shards_spec = _plain(val_shards)
-        self.height, self.width = parse_resolution(_plain(resolution))
+        self.train_shards_spec = to_plain(train_shards)
+        self.val_shards_spec = to_plain(val_shards)
+        self.height, self.width = parse_resolution(to_plain(resolution))
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
         if self.batch_size < 1 or self.val_batch_size < 1:
@@ -196,7 +197,7 @@ class HalfBodyDataModule(L.LightningDataModule):
         self._configured_condition_spec = self.condition_spec  # what apply_phase overrides field by field
         self.clip_kwargs = dict(
             num_frames=int(num_frames), fps=float(fps), height=self.height, width=self.width, crop=train_crop,
-            scale_jitter=float(scale_jitter), target_head_box=tuple(_plain(target_head_box)), pad_value=int(pad_value),
+            scale_jitter=float(scale_jitter), target_head_box=tuple(to_plain(target_head_box)), pad_value=int(pad_value),
             score_threshold=float(score_threshold), audio_feats_field=audio_feats_field,
         )
         ClipConfig(**self.clip_kwargs)  # validate now: errors name the argument
@@ -343,14 +344,3 @@ class HalfBodyDataModule(L.LightningDataModule):
             else:
                 dataset.set_epoch(self._epochs_started)
                 self._epochs_started += 1
-
-
-def _plain(v):
-    """OmegaConf ListConfig/DictConfig -> list/dict (without importing omegaconf)."""
-    if isinstance(v, (str, bytes, os.PathLike)) or v is None:
-        return v
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, Sequence) or hasattr(v, "__iter__"):
-        return [_plain(x) for x in v]
-    return v

@@ -16,7 +16,6 @@ import copy
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from .audio_projection import AudioProjection
 from .denoising_unet import DenoisingUNet
 from .pose_encoder import PoseEncoder
 from .reference_net import ReferenceNet
+from halfbody.utils.containers import to_plain
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -58,18 +58,9 @@ def tiny_unet_config(latent_channels: int = 48, cross_attention_dim: int = 64) -
     )
 
 
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy: mappings -> dict, sequences (tuples, OmegaConf ListConfig) -> list."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _unet_config_dict(config: Any) -> dict[str, Any]:
     """A JSON-friendly copy of a diffusers (or Hydra) UNet config without its private ``_`` keys."""
-    return {k: v for k, v in _plain(config).items() if not k.startswith("_")}
+    return {k: v for k, v in to_plain(config).items() if not k.startswith("_")}
 
 
 def _as_keep(keep: torch.Tensor | None, b: int, name: str, device: torch.device) -> torch.Tensor | None:
@@ -111,7 +102,7 @@ class EchoMimicV2Network(nn.Module):
         self.config: dict[str, Any] = dict(
             unet_config=unet_config, audio_dim=audio_dim, audio_tokens=audio_tokens, latent_factor=latent_factor,
             audio_context_tokens=audio_context_tokens, audio_hidden_dim=audio_hidden_dim, pose_channels=pose_channels,
-            pose_block_out_channels=_plain(pose_block_out_channels),
+            pose_block_out_channels=to_plain(pose_block_out_channels),
             temporal=temporal, temporal_num_attention_heads=temporal_num_attention_heads,
             temporal_num_layers=temporal_num_layers, temporal_num_attentions=temporal_num_attentions,
             reference_null_tokens=reference_null_tokens)

@@ -263,7 +263,6 @@ class MirrorMeTransformer(nn.Module):
             raise ValueError(f"clean_latent_frames={clean_latent_frames} must leave at least one of {fl} latent "
                              "frames to denoise")
         tr = self.transformer
-        dtype = noisy_latents.dtype
         ref_keep = _keep(ref_keep, b, "ref_keep", noisy_latents)
         audio_keep = _keep(audio_keep, b, "audio_keep", noisy_latents)
         hw = h * w

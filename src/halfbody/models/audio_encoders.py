@@ -30,7 +30,6 @@ import abc
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
 import os
 import re
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import nn
 import torch.nn.functional as Fn
 
 from halfbody.models.pretrained import load_pretrained
+from halfbody.utils.containers import to_plain
 
 __all__ = ["AudioEncoder", "WhisperAudioEncoder", "Wav2Vec2AudioEncoder", "frame_window_indices",
            "checkpoint_fingerprint"]
@@ -201,15 +201,6 @@ _WHISPER_EXPECTED = ("a transformers Whisper directory (config.json + model.safe
                      "preprocessor_config.json), e.g. openai/whisper-tiny")
 
 
-def _plain(value: Any) -> Any:
-    """Mappings and sequences (OmegaConf containers included) -> plain dicts and lists, recursively."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _build_model(model_cls, config_cls, path, key: str, expected: str, layers: str,
                  random_config: dict[str, Any] | None, seed: int, dtype: torch.dtype | None):
     """A transformers model from the local directory ``path`` (config key ``key``), or seeded random weights from
@@ -217,7 +208,7 @@ def _build_model(model_cls, config_cls, path, key: str, expected: str, layers: s
     if layers not in ("all", "last"):
         raise ValueError(f"layers must be 'all' or 'last', got {layers!r}")
     if path is None and random_config is not None:
-        random_config = _plain(random_config)  # Hydra hands ListConfig values, which transformers configs reject
+        random_config = to_plain(random_config)  # Hydra hands ListConfig values, which transformers configs reject
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = model_cls(config_cls(**random_config))

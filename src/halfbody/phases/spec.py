@@ -35,19 +35,11 @@ from torch import nn
 
 from halfbody.data.conditions import ConditionSpec
 from halfbody.data.keypoints import resolve_pose_groups
+from halfbody.utils.containers import to_plain
 
 PHASE_KEYS = ("name", "steps", "trainable", "muted", "pose_groups", "pose_dropout", "audio_region", "data",
               "num_frames", "losses")
 DATA_KEYS = ("kinds", "headshot", "mask_margins", "framing")
-
-
-def _plain(v: Any) -> Any:
-    """OmegaConf containers -> plain python (dict / list), recursively, without importing omegaconf."""
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
-        return [_plain(x) for x in v]
-    return v
 
 
 def _names(value: Any, what: str, phase: str) -> tuple[str, ...]:
@@ -91,7 +83,7 @@ def _probability_schedule(value: Any, what: str, phase: str) -> float | LinearSc
         raise ValueError(f"phase {phase!r}: {what}={value!r} must be a number or {{start: p0, end: p1}}")
     for v in vals:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"phase {phase!r}: {what}={_plain(value)!r} must lie in [0, 1]")
+            raise ValueError(f"phase {phase!r}: {what}={to_plain(value)!r} must lie in [0, 1]")
     if len(vals) == 1:
         return float(vals[0])
     return LinearSchedule(float(vals[0]), float(vals[1]))
@@ -134,7 +126,7 @@ class PhaseSpec:
             return cfg
         if not isinstance(cfg, Mapping):
             raise ValueError(f"phases[{index}] must be a mapping with name, steps, trainable, ...; got {cfg!r}")
-        cfg = _plain(cfg)
+        cfg = to_plain(cfg)
         name = cfg.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError(f"phases[{index}].name={name!r} must be a non-empty string")
@@ -164,7 +156,7 @@ class PhaseSpec:
             try:
                 resolve_pose_groups(pose_groups)
             except ValueError as e:
-                raise ValueError(f"phase {name!r}: pose_groups={_plain(pose_groups)!r}: {e}") from None
+                raise ValueError(f"phase {name!r}: pose_groups={to_plain(pose_groups)!r}: {e}") from None
 
         audio_region = cfg.get("audio_region")
         if audio_region is not None and not isinstance(audio_region, str):
@@ -213,8 +205,8 @@ class PhaseSpec:
             "name": self.name, "steps": self.steps, "trainable": list(self.trainable), "muted": list(self.muted),
             "pose_groups": self.pose_groups if isinstance(self.pose_groups, (str, type(None))) else list(self.pose_groups),
             "pose_dropout": {"start": pd.start, "end": pd.end} if isinstance(pd, LinearSchedule) else pd,
-            "audio_region": self.audio_region, "data": _plain(self.data), "num_frames": self.num_frames,
-            "losses": _plain(self.losses),
+            "audio_region": self.audio_region, "data": to_plain(self.data), "num_frames": self.num_frames,
+            "losses": to_plain(self.losses),
         }
 
 
