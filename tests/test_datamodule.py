@@ -331,3 +331,24 @@ def test_lightning_fit_epochs_end(clips):
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 4 and len(model.seen) == 8
     assert dm.bad_sample_summary()["good"] == 8 + 2 * 2  # train + two validation passes, via on_before_batch_transfer
+
+
+def test_face_framing_crops_every_clip_to_its_head(tmp_path):
+    """``framing: face`` (MirrorMe's face close-up phase): the head box, grown to the output aspect, fills the frame."""
+    from data_pipelines.synthetic_world import generate_shards
+
+    shards = [str(p) for p in generate_shards(tmp_path / "w", num_clips=2, num_frames=12, resolution=96, workers=0,
+                                              headshot_fraction=0)]
+    widths = {}
+    for framing in ("full", "face"):
+        dm = HalfBodyDataModule(shards, num_frames=4, resolution=[64, 48], batch_size=2, num_workers=0,
+                                batches_per_epoch=1, val_samples=2, condition={"framing": framing})
+        dm.setup("fit")
+        batch = next(iter(dm.val_dataloader()))
+        face = batch["kpts"][:, :, 23:91]  # normalised to the output frame
+        widths[framing] = float((face[..., 0].amax(-1) - face[..., 0].amin(-1)).mean())
+        centre = face[..., :2].mean(dim=(1, 2))
+        if framing == "face":
+            assert batch["video"].shape[-2:] == (64, 48)
+            assert torch.all((centre - 0.5).abs() < 0.15)  # the face sits in the middle of the close-up
+    assert widths["face"] > 1.3 * widths["full"]  # the face at a higher pixel resolution
