@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-dit:  ## MirrorMe generation frames per second (tiny on CPU; pass ARGS="--
 
 bench-world:  ## synthetic world generation speed
 	$(PY) benchmarks/synthetic_world_speed.py
+
+bench-pipeline:  ## video_to_shards speed without the pose model (clips per minute per core)
+	$(PY) benchmarks/video_to_shards_speed.py --videos data/bench_pipeline_videos
 
 clean:
 	rm -rf logs multirun outputs .pytest_cache

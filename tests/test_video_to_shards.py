@@ -3,6 +3,7 @@ the bad inputs of issue 5, through the real pipeline, into shards the shared dat
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
@@ -16,11 +17,12 @@ import numpy as np
 import pytest
 from shard_utils import broken_sample, write_shard
 
-from data_pipelines.video_to_shards import ConfigError, load_config, pipeline, run
+from data_pipelines.video_to_shards import ConfigError, load_config, pipeline, run, writer
 from data_pipelines.video_to_shards import inspect as inspector
 from data_pipelines.video_to_shards.__main__ import main as cli_main
-from data_pipelines.video_to_shards.decode import VideoReader, decode_audio
+from data_pipelines.video_to_shards.decode import Frame, VideoReader, decode_audio
 from data_pipelines.video_to_shards.keypoints import make_extractor
+from data_pipelines.video_to_shards.scenes import ClipCutter
 from data_pipelines.video_to_shards.sources import list_sources, parse_timecode
 from data_pipelines.video_to_shards.synthetic import talker_video, write_mp4
 from halfbody.data.datamodule import HalfBodyDataModule, expand_shards
@@ -50,10 +52,11 @@ EXPECTED = {
     "twopeople.mp4": {"more than one person"},
     "faceless.mp4": {"face not visible"},
     "lowconf.mp4": {"low keypoint confidence"},
-    "truncated.mp4": {"undecodable video"},
+    "truncated.mp4": {"undecodable video"},  # moov atom at the end: nothing decodes
+    "halfcut.mp4": {"truncated video"},  # moov atom first: the first part decodes and is used
     "junk.mkv": {"undecodable video"},
 }
-CLIPS = {"alice": 2, "bob": 2, "sepaudio": 1, "rotated": 1, "big": 1, "vfr": 1}  # half-body clips per source
+CLIPS = {"alice": 2, "bob": 2, "halfcut": 1, "sepaudio": 1, "rotated": 1, "big": 1, "vfr": 1}  # half-body clips per source
 
 
 def _cfg(*extra: str):
@@ -92,6 +95,15 @@ def _make_inputs(d: Path) -> dict:
     (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
     shutil.copy(d / "alice.npy", d / "truncated.npy")
     (d / "junk.mkv").write_bytes(b"\x1aE\xdf\xa3" + bytes(range(256)) * 16)
+    with av.open(str(d / "alice.mp4")) as src, av.open(str(d / "halfcut.mp4"), "w", options={"movflags": "faststart"}) as dst:
+        streams = {s.index: dst.add_stream_from_template(s) for s in src.streams}
+        for pkt in src.demux():
+            if pkt.dts is not None:
+                pkt.stream = streams[pkt.stream.index]
+                dst.mux(pkt)
+    data = (d / "halfcut.mp4").read_bytes()
+    (d / "halfcut.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    shutil.copy(d / "alice.npy", d / "halfcut.npy")
     return info
 
 
@@ -99,7 +111,7 @@ def _make_inputs(d: Path) -> dict:
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("v2s")
     info = _make_inputs(root / "in")
-    report = run(root / "in", root / "out", _cfg(), workers=1, progress=False)
+    report = run(root / "in", root / "out", _cfg(), workers=2, progress=False)  # worker processes
     return root, info, report
 
 
@@ -238,12 +250,17 @@ def test_rerun_is_a_noop_and_new_sources_append(made, tmp_path):
     assert more.shards_written == [f"clips-{len(old_shards):06d}.tar"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["identities"]["zoe"] == 2 and manifest["num_clips"] == 2 * sum(CLIPS.values()) + 2
+    # A second run on a folder in use is refused at once.
+    with writer.exclusive(tmp_path / "out"), pytest.raises(ConfigError, match="in use by another run"):
+        run(tmp_path / "in", tmp_path / "out", _cfg(), workers=1, progress=False)
     # Another configuration on the same folder is refused, naming the key.
     with pytest.raises(ConfigError, match=r"crop\.size"):
         run(tmp_path / "in", tmp_path / "out", _cfg("crop.size=96"), workers=1, progress=False)
 
 
 def test_interrupted_run_loses_nothing_finished(made, tmp_path, monkeypatch):
+    """Ctrl-C mid-run keeps finished sources; the next run does only the rest, and the shards equal those of the
+    uninterrupted run (which used worker processes; this one runs in-process)."""
     root, _, _ = made
     src = tmp_path / "in"
     src.mkdir()
@@ -272,21 +289,6 @@ def test_interrupted_run_loses_nothing_finished(made, tmp_path, monkeypatch):
             if k.split("_")[0] in ("alice", "bob", "vfr")}
     assert list(got) == list(want)
     assert all(got[k]["kpts.npy"] == want[k]["kpts.npy"] and got[k]["json"] == want[k]["json"] for k in got)
-
-
-def test_parallel_workers_give_the_same_shards(made, tmp_path):
-    root, _, _ = made
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("bob", "vfr", "silent"):
-        shutil.copy(root / "in" / f"{name}.mp4", src)
-        shutil.copy(root / "in" / f"{name}.npy", src)
-    rep = run(src, tmp_path / "out", _cfg(), workers=2, progress=False)
-    assert rep.processed == 3 and [r[0] for r in rep.rejections] == ["silent.mp4"]
-    got = _read_tars(expand_shards(str(tmp_path / "out"), "out"))
-    want = {k: v for k, v in _read_tars(expand_shards(str(root / "out"), "out")).items() if k.split("_")[0] in ("bob", "vfr")}
-    assert list(got) == list(want)
-    assert all(got[k]["kpts.npy"] == want[k]["kpts.npy"] for k in got)
 
 
 # ------------------------------------------------------------------------------------------ list files, decoding
@@ -361,6 +363,22 @@ def test_variable_frame_rate_is_resampled_by_time(tmp_path):
         assert abs(int(f.image.mean()) - (20 + 20 * want)) <= 2
 
 
+def test_clip_cutting_and_fast_cuts():
+    """Scenes of 2.5, 0.5, 0.3, 4.5 and 1.2 s at 10 fps, clips of 1-2 s, scenes under 0.8 s are too-fast cuts."""
+    cutter = ClipCutter(10.0, 1.0, 2.0, 0.8)
+    cuts = []
+    for n in (25, 5, 3, 45, 12):
+        cuts += [True] + [False] * (n - 1)
+    cuts[0] = False
+    segs = [s for i, cut in enumerate(cuts) for s in cutter.push(Frame(i, i / 10, i, np.zeros((2, 2, 3), np.uint8)), cut)]
+    segs += cutter.flush()
+    got = [(s.start_index, s.num_frames, (s.rejection or "").split(":")[0]) for s in segs]
+    assert got == [(0, 12, ""), (12, 13, ""), (25, 8, "too-fast camera cuts"), (33, 20, ""), (53, 12, ""),
+                   (65, 13, ""), (78, 12, "")]
+    assert "2 scenes of 0.40 s" in segs[2].rejection
+    assert all(len(s.frames) == s.num_frames for s in segs if not s.rejection)
+
+
 def test_audio_alignment_of_the_video_track(tmp_path):
     """A tone burst in the video's own AAC track decodes at its time (AAC priming handled)."""
     rate = AUDIO_SAMPLE_RATE
@@ -397,6 +415,77 @@ def test_config_errors_are_one_line_and_name_the_key(tmp_path):
         make_extractor(cfg)
 
 
+class _FakeRtmlib:
+    """Stands in for the ``rtmlib`` package (its YOLOX / RTMPose call conventions) to test the adapter alone."""
+
+    class YOLOX:
+        def __init__(self, onnx_model, model_input_size, det_mode, score_thr, backend, device):
+            assert det_mode == "multiclass" and backend == "onnxruntime"
+
+        def __call__(self, bgr):
+            h, w = bgr.shape[:2]
+            boxes = np.array([[0.2 * w, 0.1 * h, 0.5 * w, 0.9 * h], [0.6 * w, 0.3 * h, 0.7 * w, 0.5 * h],
+                              [0, 0, 5, 5]], np.float32)
+            return boxes, np.array([0, 0, 56])  # two people and a chair
+
+    class RTMPose:
+        def __init__(self, onnx_model, model_input_size, backend, device):
+            self.calls = []
+
+        def __call__(self, bgr, bboxes):
+            (x0, y0, x1, y1), = bboxes
+            kp = np.tile(np.array([[(x0 + x1) / 2, (y0 + y1) / 2]], np.float32), (1, 133, 1))
+            return kp, np.full((1, 133), 1.7, np.float32)  # SimCC scores can exceed 1
+
+
+def test_rtmlib_extractor_adapter(tmp_path, monkeypatch):
+    det, pose = tmp_path / "det.onnx", tmp_path / "pose.onnx"
+    det.write_bytes(b"x")
+    pose.write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "rtmlib", _FakeRtmlib)
+    ex = make_extractor(_cfg("keypoints.extractor=rtmlib", f"keypoints.det_model={det}", f"keypoints.pose_model={pose}"))
+    frames = [Frame(i, i / 25, i, np.zeros((100, 200, 3), np.uint8)) for i in range(3)]
+    kpts, persons = ex.extract(frames)
+    assert persons.tolist() == [2, 2, 2]  # the chair is not a person
+    np.testing.assert_allclose(kpts[:, :, 0], (70 + 0.5) / 200)  # the larger person's box centre, normalised
+    np.testing.assert_allclose(kpts[:, :, 1], (50 + 0.5) / 100)
+    assert kpts[..., 2].max() == 1.0  # scores clipped to [0, 1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rtmlib") is None or importlib.util.find_spec("onnx") is None,
+                    reason="needs the [pose] extra (rtmlib, onnxruntime) and onnx to export stand-in models")
+def test_rtmlib_extractor_on_onnxruntime(tmp_path):
+    """The real rtmlib + onnxruntime path with stand-in ONNX models (a person and a chair; all keypoints at the
+    centre of the pose model's input)."""
+    import torch
+
+    class Det(torch.nn.Module):
+        def forward(self, x):
+            n = sum((640 // s) ** 2 for s in (8, 16, 32))
+            out = torch.zeros(1, n, 85) + 0 * x.mean()
+            for i, cls, wh in ((30 * 80 + 40, 0, 200.0), (10 * 80 + 10, 56, 60.0)):  # grid cells of stride 8
+                out[0, i, 2:4] = float(np.log(wh / 8))
+                out[0, i, 4] = 1.0
+                out[0, i, 5 + cls] = 1.0
+            return out
+
+    class Pose(torch.nn.Module):
+        def forward(self, x):
+            sx, sy = torch.zeros(1, 133, 576) + 0 * x.mean(), torch.zeros(1, 133, 768) + 0 * x.mean()
+            sx[0, :, 288], sy[0, :, 384] = 0.9, 0.8
+            return sx, sy
+
+    torch.onnx.export(Det(), (torch.zeros(1, 3, 640, 640),), str(tmp_path / "det.onnx"), dynamo=False)
+    torch.onnx.export(Pose(), (torch.zeros(1, 3, 384, 288),), str(tmp_path / "pose.onnx"), dynamo=False)
+    ex = make_extractor(_cfg("keypoints.extractor=rtmlib", f"keypoints.det_model={tmp_path / 'det.onnx'}",
+                             f"keypoints.pose_model={tmp_path / 'pose.onnx'}"))
+    kpts, persons = ex.extract([Frame(0, 0.0, 0, np.full((144, 256, 3), 90, np.uint8))])
+    assert persons.tolist() == [1]
+    # The person box is 200 px around (320, 240) of the 640-px letterboxed input: (128, 96) in the frame.
+    np.testing.assert_allclose(kpts[0, :, :2], [[128.5 / 256, 96.5 / 144]] * 133, atol=2 / 256)
+    np.testing.assert_allclose(kpts[0, :, 2], 0.85, atol=1e-5)
+
+
 def test_cli_reports_and_fails_in_one_line(made, tmp_path, capsys):
     root, _, _ = made
     assert cli_main([str(root / "in"), "--out", str(tmp_path / "o"), "--set", "crop.size=7", "--no-progress"]) == 2
@@ -407,6 +496,7 @@ def test_cli_reports_and_fails_in_one_line(made, tmp_path, capsys):
     shutil.copy(root / "in" / "short.mp4", src)
     shutil.copy(root / "in" / "short.npy", src)
     shutil.copy(root / "in" / "noaudio.mp4", src)
+    shutil.copy(root / "in" / "noaudio.npy", src)
     assert cli_main([str(src), "--out", str(tmp_path / "o2"), "--no-progress", "--workers", "1", *sum(
         (["--set", o] for o in OVERRIDES), [])]) == 0
     out = capsys.readouterr().out
@@ -451,8 +541,20 @@ def test_inspector_preview_has_video_and_audio(made, tmp_path):
 
 @pytest.mark.slow
 def test_cli_modules_run_as_scripts(made, tmp_path):
+    """The two commands as a user runs them (fresh processes, worker pool, progress bar on stderr)."""
     root, _, _ = made
-    env_py = sys.executable
-    r = subprocess.run([env_py, "-m", "data_pipelines.video_to_shards.inspect", str(root / "out")],
+    sets = sum((["--set", o] for o in OVERRIDES), [])
+    cmd = [sys.executable, "-m", "data_pipelines.video_to_shards", str(root / "in"), "--out", str(tmp_path / "o"),
+           "--workers", "2", *sets]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(EXPECTED)} sources: {len(EXPECTED)} processed" in r.stdout and "video_to_shards" in r.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert f"0 processed, {len(EXPECTED)} already done" in again.stdout
+    r = subprocess.run([sys.executable, "-m", "data_pipelines.video_to_shards.inspect", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 0 and "clips" in r.stdout
+    assert r.returncode == 0 and f"{2 * sum(CLIPS.values())} clips" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "data_pipelines.video_to_shards.inspect", str(tmp_path / "o"),
+                        "--preview", "alice_0000", "--out", str(tmp_path / "p.mp4")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and read_video(tmp_path / "p.mp4")[0].shape[2] == 2 * S

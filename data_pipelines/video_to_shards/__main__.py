@@ -1,0 +1,46 @@
+"""CLI: ``python -m data_pipelines.video_to_shards INPUT --out DIR [--config FILE] [--set key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, load_config
+from .pipeline import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipelines.video_to_shards",
+        description="Turn a folder of talking-person videos (or an EMTD-style list file of 'path start end' "
+                    "segments) into webdataset shards in the halfbody schema (shared/DESIGN.md §1).")
+    p.add_argument("input", help="a folder of videos, one video, or a list file")
+    p.add_argument("--out", required=True, help="output folder (shards, manifest.json, _sources/ journals)")
+    p.add_argument("--config", default=None, help="YAML config (see data_pipelines/video_to_shards/example.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set crop.size=256 (repeatable)")
+    p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="processes, one source each at a time (default: min(4, cpus))")
+    p.add_argument("--retry-rejected", action="store_true",
+                   help="also redo finished sources that gave no clips (e.g. after adding a missing sidecar)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(a.config, a.overrides)
+        report = run(a.input, a.out, cfg, workers=a.workers, progress=not a.no_progress,
+                     retry_rejected=a.retry_rejected)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished sources are kept; run the same command again to continue", file=sys.stderr)
+        return 130
+    print("\n".join(report.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
