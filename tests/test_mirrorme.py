@@ -84,16 +84,22 @@ def test_reference_and_motion_frames_are_clean_tokens(batch):
                             clean_latent_frames=1)
     assert torch.equal(t_tok[0], torch.tensor([0.0] * 4 + [0.0] * 4 + [0.7] * 8))
     assert torch.equal(t_tok[1], torch.tensor([0.0] * 4 + [0.0] * 4 + [0.3] * 8))
-    # through the real network: what reaches LTX's timestep embedding
+    # through the real network: what reaches LTX's timestep embedding (LTX's 1000 t convention)
+    seen = []
+    time_embed = model.network.transformer.time_embed
+    hook = time_embed.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(args[0].clone()),
+                                                with_kwargs=True)
     with torch.no_grad():
         x0 = model.autoencoder.encode(batch["video"])
         ref = model.autoencoder.encode_image(batch["ref"])
         _, tokens = model.network(x0, torch.tensor([0.9, 0.5]), ref, None, fps=25.0, clean_latent_frames=1,
                                   return_token_timesteps=True)
+    hook.remove()
     hw = x0.shape[-2] * x0.shape[-1]
     assert tokens.shape == (2, hw * (1 + x0.shape[1]))
     assert torch.all(tokens[:, : 2 * hw] == 0)  # the reference, then the motion frame
     assert torch.all(tokens[0, 2 * hw:] == 0.9) and torch.all(tokens[1, 2 * hw:] == 0.5)
+    assert torch.allclose(seen[0], (tokens * 1000).flatten())
 
 
 # ------------------------------------------------------------------------------------------ face-masked audio
@@ -112,6 +118,64 @@ def test_audio_adapter_cannot_change_tokens_outside_the_face_mask():
     keep = torch.tensor([1.0, 0.0])
     a, b = adapter(hidden, torch.randn(2, 3, 5, 8), None, keep), adapter(hidden, torch.randn(2, 3, 5, 8), None, keep)
     assert torch.allclose(a[1], b[1], atol=1e-6) and (a[0] - b[0]).abs().max() > 1e-3
+
+
+def _conditioned(model, batch):
+    with torch.no_grad():
+        x0 = model.autoencoder.encode(batch["video"])
+        ref = model.autoencoder.encode_image(batch["ref"])
+        feats = model.audio_features(batch)
+    return x0, ref, feats
+
+
+def _wake(model):
+    """Give the zero-initialised audio and pose paths weights, as training would."""
+    with torch.no_grad():
+        for a in model.network.audio_adapters:
+            a.gamma.fill_(1.0)
+        torch.nn.init.normal_(model.network.audio_encoder.to_global.weight, std=0.5)
+        torch.nn.init.normal_(model.network.hand_pose_encoder.proj.weight, std=0.5)
+
+
+def test_audio_reaches_the_network_only_through_the_face(batch):
+    """With a face mask, audio enters only face tokens (a_glo and the adapters); with no face, audio cannot change
+    the prediction at all."""
+    model = _model()
+    _wake(model)
+    x0, ref, feats = _conditioned(model, batch)
+    t = torch.tensor([0.5, 0.5])
+    run = lambda f, mask: model.network(x0, t, ref, f, fps=25.0, face_mask=mask)  # noqa: E731
+    no_face = torch.zeros(x0.shape[0], x0.shape[1], *x0.shape[-2:])
+    with torch.no_grad():
+        assert torch.allclose(run(feats, no_face), run(feats.flip(0), no_face), atol=1e-5)
+        face = no_face.clone()
+        face[..., 2:5, 3:5] = 1
+        assert (run(feats, face) - run(feats.flip(0), face)).abs().max() > 1e-3
+
+
+def test_cfg_branches_share_one_batch_and_the_unconditional_one_ignores_every_condition(batch):
+    """The batched CFG call: its conditional half equals a conditional-only pass; its unconditional half (reference,
+    audio and pose zeroed, adapters on the padding token) does not change when the conditions do."""
+    model = _model()
+    _wake(model)
+    net = model.network
+    x0, ref, feats = _conditioned(model, batch)
+    pose, b = batch["pose"], x0.shape[0]
+    t = torch.tensor([0.6, 0.6])
+    keep = torch.tensor([True] * b + [False] * b)
+    twice = lambda v: torch.cat([v, v])  # noqa: E731
+
+    def cfg_pass(ref_, feats_, pose_):
+        cond = net.encode_conditions(twice(feats_), twice(pose_), audio_keep=keep, pose_keep=keep)
+        return net(twice(x0), twice(t), twice(ref_), None, fps=25.0, ref_keep=keep, audio_keep=keep,
+                   conditions=cond).chunk(2)
+
+    with torch.no_grad():
+        v_cond, v_uncond = cfg_pass(ref, feats, pose)
+        assert torch.allclose(v_cond, net(x0, t, ref, feats, pose, fps=25.0), atol=1e-5)
+        v_cond2, v_uncond2 = cfg_pass(ref.flip(0), feats.flip(0), pose.flip(0))
+    assert torch.allclose(v_uncond, v_uncond2, atol=1e-5)
+    assert (v_cond - v_cond2).abs().max() > 1e-3
 
 
 def test_dynamic_and_enlarged_static_face_masks():
@@ -140,6 +204,15 @@ def test_face_loss_is_the_velocity_error_inside_the_face_mask(batch):
     model.face_loss_weight = 0.0
     loss0, logs0 = model.diffusion_loss(batch, generator=g())
     assert "face" not in logs0 and torch.allclose(loss0, logs["mse"])
+    # a prediction that is exact inside the face and wrong outside: L_face = 0, L_MSE > 0
+    model.face_loss_weight = 1.0
+    target = {}
+    velocity_target = model.flow.velocity_target
+    model.flow.velocity_target = lambda *a: target.setdefault("v", velocity_target(*a))
+    face = latent_face_mask(batch["mask_face"], *model.factors)[:, :, None]  # (B, F', 1, h, w)
+    model.network.forward = lambda *a, **k: target["v"] + 3.0 * (1 - face)
+    _, logs_out = model.diffusion_loss(batch, generator=g())
+    assert logs_out["face"] == 0 and logs_out["mse"] > 1
 
 
 def test_motion_frames_are_clean_ground_truth_and_outside_the_loss(batch):
@@ -169,6 +242,10 @@ def test_rectified_flow_shift_and_targets():
     x0, eps, tt = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([0.25, 0.75])
     xt = flow.add_noise(x0, eps, tt)
     assert torch.allclose(flow.predict_x0(xt, flow.velocity_target(x0, eps), tt), x0, atol=1e-6)
+    # the sampling grid: the preset's sample shift 3 keeps every one of the 15 Euler steps short; the training
+    # shift 17 would jump from t = 0.55 straight to data in the last step
+    assert float((RectifiedFlow(17.0, sample_shift=3.0).sigmas(15).diff().abs()).max()) < 0.3
+    assert float(RectifiedFlow(17.0).sigmas(15)[-2]) > 0.5
     # an exact velocity field carries noise to the data point in any number of Euler steps
     out = flow.euler_sample(lambda x, t_, u: eps - x0, (2, 3, 4), num_steps=3, guidance_scale=1.0, latents=eps)
     assert torch.allclose(out, x0, atol=1e-5)
@@ -176,7 +253,7 @@ def test_rectified_flow_shift_and_targets():
 
 # ------------------------------------------------------------------------------------------ long generation
 def test_two_clip_generation_is_continuous_in_audio_and_time(batch):
-    model = _model(["model.num_inference_steps=2"]).eval()
+    model = _model(["model.num_inference_steps=2", "model.motion_frames.max_latent_frames=2"]).eval()
     clips, feats_seen = [], []
     decode, encode_conditions = model.autoencoder.decode, model.network.encode_conditions
     model.autoencoder.decode = lambda z: clips.append(decode(z)) or clips[-1]
@@ -196,6 +273,6 @@ def test_two_clip_generation_is_continuous_in_audio_and_time(batch):
     # audio: one feature sequence over the whole audio, each clip fed exactly its frames' slice
     whole = model.audio_encoder(torch.nn.functional.pad(audio, (0, 16000 - audio.shape[1])), num_frames=25, fps=25.0)
     assert torch.allclose(out["audio_feats"], whole)
-    conditional = [f for f in feats_seen if f.shape[0] == b]  # per clip: the conditional branch's features
+    conditional = [f[:b] for f in feats_seen]  # per clip, the CFG batch: conditional half first
     assert len(conditional) == 2
     assert torch.allclose(conditional[0], whole[:, 0:17]) and torch.allclose(conditional[1], whole[:, 8:25])

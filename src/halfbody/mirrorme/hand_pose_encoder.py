@@ -3,7 +3,7 @@
 Hand-keypoint maps are compressed to the latent grid: the shared per-frame :class:`PoseEncoder` brings them to
 ``H / s x W / s``; then, like the causal video VAE, the frame axis is folded causally (frame 0 alone, then groups of
 ``tf``) into channels, and a linear layer maps each latent-grid cell to the transformer's hidden size. The result is
-added to the video latent tokens. The pose encoder's output conv starts at zero, so a fresh guider changes nothing.
+added to the video latent tokens. The linear layer starts at zero (weights and bias), so a fresh guider adds nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ class HandPoseEncoder(nn.Module):
         super().__init__()
         self.temporal_factor = int(temporal_factor)
         self.frame_encoder = PoseEncoder(channels, latent_factor=spatial_factor, block_out_channels=block_out_channels)
+        self.frame_encoder.conv_out.reset_parameters()  # the zero start is the projection's (else no gradient flows)
         self.proj = nn.Linear(self.temporal_factor * channels, model_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, pose: torch.Tensor) -> torch.Tensor:
         if pose.ndim != 5:

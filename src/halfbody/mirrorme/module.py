@@ -15,6 +15,7 @@ attention gated by the face mask | ``global``), pose dropout and ``losses: {face
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -152,9 +153,9 @@ class MirrorMeModule(AnimationModule):
         if motion:
             xt = torch.cat([x0[:, :motion], xt[:, motion:]], dim=1)  # §3.2: clean ground-truth first frames
         keeps = self.condition_keep_masks(b, generator) if training else {}
+        target = self.flow.velocity_target(x0, noise, t)
         pred = self.network(xt, t, ref, feats, self.pose_input(batch), fps=self.batch_fps(batch), face_mask=face_gate,
                             clean_latent_frames=motion, **keeps)
-        target = self.flow.velocity_target(x0, noise, t)
         err = (pred.float() - target.float()).pow(2).mean(dim=2)  # (B, F', h, w), mean over channels
         weight = to_latent_grid(batch["valid"], *self.factors, reduce="mean")  # padding excluded
         if motion:
@@ -192,8 +193,10 @@ class MirrorMeModule(AnimationModule):
 
         # audio and pose features do not depend on x_t or t: encode them once for all steps
         net = self.network
-        cond1 = net.encode_conditions(audio_feats, pose)
-        cond2 = net.encode_conditions(twice(audio_feats), twice(pose), audio_keep=keep2, pose_keep=keep2)
+        if scale == 1.0:
+            cond1 = net.encode_conditions(audio_feats, pose)
+        else:
+            cond2 = net.encode_conditions(twice(audio_feats), twice(pose), audio_keep=keep2, pose_keep=keep2)
 
         def denoise_fn(x_t: torch.Tensor, t: torch.Tensor, with_uncond: bool):
             x_t = hold(x_t)
@@ -249,6 +252,9 @@ class MirrorMeModule(AnimationModule):
         fl = ae.latent_num_frames(clip_frames)
         if not 1 <= m < fl:
             raise ValueError(f"motion_latent_frames={m} must be in [1, {fl - 1}] for {clip_frames}-frame clips")
+        if m > self.max_motion_frames:
+            warnings.warn(f"generate_long: motion_latent_frames={m} exceeds what training used "
+                          f"(model.motion_frames.max_latent_frames={self.max_motion_frames})", stacklevel=2)
         overlap = 1 + tf * (m - 1)
         step = clip_frames - overlap
         n_clips = 1 + max(0, math.ceil((num_frames - clip_frames) / step))

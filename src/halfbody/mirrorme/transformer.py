@@ -9,8 +9,10 @@ its parts in our own block loop, which adds what MirrorMe adds:
   (:func:`token_timesteps`); neither is ever part of the loss.
 * **Audio fusion (§3.3).** ``a_glo`` of the :class:`CausalAudioEncoder` is added to the video tokens of its latent
   frame; an :class:`AudioAdapter` after every ``adapter_every`` blocks lets each latent frame's tokens attend to that
-  frame's ``a_loc`` tokens (face-masked in the half-body phase, §3.4). ``audio_fusion="cross_attention"`` builds
-  Table 1's baseline instead: the raw audio features through plain cross-attention, with no causal encoder.
+  frame's ``a_loc`` tokens. With a face mask (the half-body phase, §3.4) both act inside the face only: ``a_glo`` is
+  added to face tokens, and the adapter's other queries see only its padding token.
+  ``audio_fusion="cross_attention"`` builds Table 1's baseline instead: the raw audio features, one shared linear
+  projection, plain cross-attention; no causal encoder.
 * **Hand guider (§3.4).** :class:`HandPoseEncoder` features are added to the video tokens.
 
 Text conditioning is not used. Every block's text cross-attention (``attn2``) still needs keys: it gets
@@ -166,9 +168,9 @@ class MirrorMeTransformer(nn.Module):
             self.audio_encoder = CausalAudioEncoder(audio_feature_dim, self.model_dim, audio_dim, audio_tokens,
                                                     temporal_factor, audio_encoder_channels)
             adapter_kwargs = dict(audio_dim=audio_dim, padding_token=True, output_norm=True)
-        else:  # Table 1 baseline: raw audio features, plain cross-attention
-            self.audio_encoder = None
-            adapter_kwargs = dict(audio_dim=audio_feature_dim, padding_token=False, output_norm=False)
+        else:  # Table 1 baseline: raw audio features, one shared linear projection, plain cross-attention
+            self.audio_encoder = nn.Linear(audio_feature_dim, audio_dim)
+            adapter_kwargs = dict(audio_dim=audio_dim, padding_token=False, output_norm=False)
         self.audio_adapters = nn.ModuleList(
             AudioAdapter(self.model_dim, heads=adapter_heads, head_dim=adapter_head_dim, **adapter_kwargs)
             for _ in range(n_adapters))
@@ -219,10 +221,11 @@ class MirrorMeTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------ groups
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """Disjoint groups covering every parameter: ``transformer`` (LTX + the null caption), ``audio_encoder``
-        (the causal audio encoder; empty for the baseline), ``audio_adapter``, ``pose_encoder`` (hand guider)."""
+        (the causal audio encoder; the baseline's raw-feature projection), ``audio_adapter``, ``pose_encoder``
+        (hand guider)."""
         return {
             "transformer": [self.transformer, self.null_caption],
-            "audio_encoder": [self.audio_encoder] if self.audio_encoder is not None else [],
+            "audio_encoder": [self.audio_encoder],
             "audio_adapter": [self.audio_adapters],
             "pose_encoder": [self.hand_pose_encoder] if self.hand_pose_encoder is not None else [],
         }
@@ -274,14 +277,19 @@ class MirrorMeTransformer(nn.Module):
         hidden = tr.proj_in(torch.cat([ref_tokens, video_tokens], dim=1))  # (B, N, D)
         ref_h, vid_h = hidden[:, :hw], hidden[:, hw:]
 
-        # §3.3: a_glo added per latent frame; §3.4: hand guider added per token
+        if face_mask is not None and face_mask.shape != (b, fl, h, w):
+            raise ValueError(f"face_mask must be {(b, fl, h, w)}, got {tuple(face_mask.shape)}")
+        # §3.3: a_glo added per latent frame (inside the face mask when one is given); §3.4: hand guider per token
         if conditions is None:
             conditions = self.encode_conditions(audio_feats, pose, audio_keep=audio_keep, pose_keep=pose_keep)
         a_loc = conditions["a_loc"]
         if conditions["a_glo"] is not None:
             if conditions["a_glo"].shape[1] != fl:
                 raise ValueError(f"audio features cover {conditions['a_glo'].shape[1]} latent frames, the video has {fl}")
-            vid_h = vid_h + conditions["a_glo"].repeat_interleave(hw, dim=1)
+            a_glo = conditions["a_glo"].repeat_interleave(hw, dim=1)  # (B, F'*hw, D)
+            if face_mask is not None:  # §3.4: audio acts inside the face only
+                a_glo = a_glo * face_mask.reshape(b, fl * hw, 1).to(a_glo.dtype)
+            vid_h = vid_h + a_glo
         if conditions["pose"] is not None:
             if conditions["pose"].shape[1:4] != (fl, h, w):
                 raise ValueError(f"pose maps give a {tuple(conditions['pose'].shape[1:4])} latent grid, the video is "
@@ -300,8 +308,6 @@ class MirrorMeTransformer(nn.Module):
         rope = tr.rope(hidden, video_coords=coords)
         caption = tr.caption_projection(self.null_caption(b).to(hidden.dtype))
 
-        if face_mask is not None and face_mask.shape != (b, fl, h, w):
-            raise ValueError(f"face_mask must be {(b, fl, h, w)}, got {tuple(face_mask.shape)}")
         for i, block in enumerate(tr.transformer_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 hidden = checkpoint(block, hidden, caption, temb, rope, None, use_reentrant=False)
@@ -326,14 +332,17 @@ class MirrorMeTransformer(nn.Module):
         dtype = self.transformer.proj_in.weight.dtype
         if audio_feats is not None:
             b = audio_feats.shape[0]
-            if self.audio_encoder is not None:
+            if self.audio_fusion == "adapter":
                 a_glo, out["a_loc"] = self.audio_encoder(audio_feats.to(dtype))
                 keep = _keep(audio_keep, b, "audio_keep", a_glo)
                 out["a_glo"] = a_glo if keep is None else a_glo * keep.view(b, 1, 1)
-            else:  # baseline: one raw feature token per video frame of the clip
-                out["a_loc"] = audio_feats.to(dtype).flatten(2).unsqueeze(1)  # (B, 1, F, K*D)
+            else:  # baseline: one projected raw feature token per video frame of the clip
+                out["a_loc"] = self.audio_encoder(audio_feats.to(dtype).flatten(2)).unsqueeze(1)  # (B, 1, F, C_a)
         if pose is not None and self.hand_pose_encoder is not None:
-            p = self.hand_pose_encoder(pose.to(dtype))
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # full-resolution convs over every frame
+                p = checkpoint(self.hand_pose_encoder, pose.to(dtype), use_reentrant=False)
+            else:
+                p = self.hand_pose_encoder(pose.to(dtype))
             keep = _keep(pose_keep, p.shape[0], "pose_keep", p)
             out["pose"] = p if keep is None else p * keep.view(-1, 1, 1, 1, 1)
         return out

@@ -38,8 +38,9 @@ class RectifiedFlow:
 
     Args:
         shift: timestep shift used when drawing training timesteps (MirrorMe §4.1: 17).
-        sample_shift: shift of the sampling grid (``None``: the training shift, so sampling visits the noise
-            levels training emphasised; the paper does not state it).
+        sample_shift: shift of the Euler sampling grid (the paper gives only the training shift; ``None``: the
+            training shift). A large shift crowds a short grid near ``t = 1`` and leaves one long last step
+            (shift 17, 15 steps: the last step goes from ``t = 0.55`` to 0), so presets use an SD3 / LTX-like 3.
         t_min: smallest training timestep (keeps the loss finite-weighted near data; 0 allows exact data).
     """
 
