@@ -186,6 +186,18 @@ class VideoReader:
                 target = seg_start
                 prev = prev_t = prev_img = prev_thumb = None
                 prev_idx = -1
+
+                def emit(limit: float) -> Iterator[Frame]:
+                    """The output frames at target times before ``limit``, all showing ``prev``."""
+                    nonlocal j, target, prev_img, prev_thumb
+                    while target < limit:
+                        if prev_img is None:
+                            prev_img, prev_thumb = self._convert(prev)
+                        yield Frame(j, target - seg_start, prev_idx, prev_img, prev_thumb)
+                        j += 1
+                        self.frames_emitted = j
+                        target = seg_start + j * step
+
                 last_dur = 1.0 / self._nominal_rate
                 count = 0
                 for frame in c.decode(s):
@@ -197,28 +209,15 @@ class VideoReader:
                         last_dur = float(frame.duration * frame.time_base)
                     if prev is not None and t <= prev_t:
                         continue  # non-increasing timestamp: a broken or duplicated frame
-                    if prev is not None:
-                        mid = (prev_t + t) / 2
-                        while target < mid and target < seg_end - 1e-9:
-                            if prev_img is None:
-                                prev_img, prev_thumb = self._convert(prev)
-                            yield Frame(j, target - seg_start, prev_idx, prev_img, prev_thumb)
-                            j += 1
-                            self.frames_emitted = j
-                            target = seg_start + j * step
+                    if prev is not None:  # the previous frame covers the targets up to the midpoint
+                        yield from emit(min((prev_t + t) / 2, seg_end - 1e-9))
                     if target >= seg_end - 1e-9:
                         break
                     prev, prev_t, prev_img, prev_thumb, prev_idx = frame, t, None, None, idx
                 if prev is not None:
                     end = min(seg_end, prev_t + last_dur)
                     self.video_end = prev_t + last_dur - seg_start
-                    while target < end - 1e-6:
-                        if prev_img is None:
-                            prev_img, prev_thumb = self._convert(prev)
-                        yield Frame(j, target - seg_start, prev_idx, prev_img, prev_thumb)
-                        j += 1
-                        self.frames_emitted = j
-                        target = seg_start + j * step
+                    yield from emit(end - 1e-6)
         except SourceError:
             raise
         except _AV_ERRORS as e:
