@@ -21,8 +21,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from halfbody.data.conditions import DEFAULT_MASK_MARGINS
 from halfbody.data.keypoints import BODY_HEAD, FACE, LEFT_HAND, REGION_KEYPOINTS, RIGHT_HAND
@@ -118,31 +116,6 @@ def headshot_box(kpts: np.ndarray, width: int, height: int, c: CropConfig) -> tu
     bx = _place(cx - side / 2, side, width)
     by = _place(cy - side / 2, side, height)
     return bx, by, bx + side, by + side
-
-
-def crop_frames(frames: np.ndarray, geom: Geometry, pad_value: int = 0, chunk: int = 32) -> np.ndarray:
-    """uint8 ``(T, H, W, 3)`` -> uint8 ``(T, out_h, out_w, 3)`` through ``geom``.
-
-    The same rectangles and resampling as ``Geometry.apply_frames`` (antialiased bilinear, uint8 channels-last),
-    kept in uint8 end to end (the float round trip costs more than the resize), in chunks for bounded memory.
-    """
-    frames = np.asarray(frames)
-    if frames.shape[1:3] != (geom.src_h, geom.src_w):
-        raise ValueError(f"frames are {frames.shape[1:3]}, geometry expects {(geom.src_h, geom.src_w)}")
-    ix0, iy0, ix1, iy1 = geom.inner
-    ox0, oy0, ox1, oy1 = geom.paste
-    cx0, cy0, cx1, cy1 = geom.valid_rect()
-    out = np.full((frames.shape[0], geom.out_h, geom.out_w, 3), pad_value, np.uint8)
-    if cx1 <= cx0 or cy1 <= cy0:
-        return out
-    size = (oy1 - oy0, ox1 - ox0)
-    for s in range(0, frames.shape[0], chunk):
-        crop = torch.from_numpy(np.ascontiguousarray(frames[s : s + chunk, iy0:iy1, ix0:ix1])).permute(0, 3, 1, 2)
-        if tuple(crop.shape[-2:]) != size:
-            crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=True)
-        crop = crop.permute(0, 2, 3, 1).numpy()
-        out[s : s + chunk, cy0:cy1, cx0:cx1] = crop[:, cy0 - oy0 : cy1 - oy0, cx0 - ox0 : cx1 - ox0]
-    return out
 
 
 def crop_keypoints(kpts: np.ndarray, geom: Geometry) -> np.ndarray:

@@ -22,7 +22,7 @@ from halfbody.data.transforms import Geometry
 
 from . import writer
 from .config import PipelineConfig
-from .crops import crop_frames, crop_keypoints, halfbody_box, head_box_in_crop, headshot_box
+from .crops import crop_keypoints, halfbody_box, head_box_in_crop, headshot_box
 from .decode import SourceError, VideoReader, decode_audio
 from .filters import audio_reason, keypoint_reason
 from .keypoints import KeypointExtractor
@@ -134,7 +134,7 @@ class _SourceRun:
             crops.append(("headshot", f"{key}_head", cfg.crop.headshot_size, headshot_box(kpts, w, h, cfg.crop)))
         for kind, k, size, box in crops:
             geom = Geometry(w, h, size, size, box)
-            video = crop_frames(frames, geom, cfg.crop.pad_value)
+            video = geom.apply_frames_uint8(frames, cfg.crop.pad_value)
             meta = {
                 "fps": float(fps), "num_frames": int(T), "width": int(size), "height": int(size), "kind": kind,
                 "identity": src.identity, "source": f"{src.label}@{t0:.3f}-{t0 + T / fps:.3f}",

@@ -152,8 +152,8 @@ class Geometry:
         return Geometry(width, height, self.out_w, self.out_h, box)
 
     # -- frames
-    def apply_frames(self, frames: np.ndarray, pad_value: int = 0) -> torch.Tensor:
-        """uint8 ``(T, H, W, 3)`` -> float32 ``(T, 3, out_h, out_w)`` in ``[-1, 1]`` (padding = ``pad_value`` in 0..255)."""
+    def _resized(self, frames: np.ndarray) -> torch.Tensor:
+        """The in-image part of uint8 ``(T, H, W, 3)`` frames resized onto the paste rect: uint8 ``(T, 3, h, w)``."""
         frames = np.asarray(frames)
         if frames.shape[1:3] != (self.src_h, self.src_w):
             raise ValueError(f"frames are {frames.shape[1:3]}, geometry expects {(self.src_h, self.src_w)}")
@@ -164,15 +164,41 @@ class Geometry:
         size = (oy1 - oy0, ox1 - ox0)
         if crop.shape[-2:] != size:
             crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=True)
-        crop = crop.contiguous().float().div_(127.5).sub_(1.0)
-        if (ox0, oy0, ox1, oy1) == (0, 0, self.out_w, self.out_h):
+        return crop
+
+    def _canvas_slices(self) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+        """``(canvas rows/cols, resized-crop rows/cols)`` of the visible part of the paste rect (it may extend
+        beyond the canvas when the box is smaller than the image on one side); None when nothing is visible."""
+        ox0, oy0, _, _ = self.paste
+        cx0, cy0, cx1, cy1 = self.valid_rect()
+        if cx1 <= cx0 or cy1 <= cy0:
+            return None
+        return (slice(cy0, cy1), slice(cx0, cx1)), (slice(cy0 - oy0, cy1 - oy0), slice(cx0 - ox0, cx1 - ox0))
+
+    def apply_frames(self, frames: np.ndarray, pad_value: int = 0) -> torch.Tensor:
+        """uint8 ``(T, H, W, 3)`` -> float32 ``(T, 3, out_h, out_w)`` in ``[-1, 1]`` (padding = ``pad_value`` in 0..255)."""
+        crop = self._resized(frames).contiguous().float().div_(127.5).sub_(1.0)
+        if not self.is_padded:
             return crop
-        out = torch.full((frames.shape[0], 3, self.out_h, self.out_w), pad_value / 127.5 - 1.0)
-        # The paste rect may extend beyond the canvas when the box is smaller than the image on one side.
-        cx0, cy0 = max(ox0, 0), max(oy0, 0)
-        cx1, cy1 = min(ox1, self.out_w), min(oy1, self.out_h)
-        if cx1 > cx0 and cy1 > cy0:
-            out[:, :, cy0:cy1, cx0:cx1] = crop[:, :, cy0 - oy0 : cy1 - oy0, cx0 - ox0 : cx1 - ox0]
+        out = torch.full((crop.shape[0], 3, self.out_h, self.out_w), pad_value / 127.5 - 1.0)
+        sl = self._canvas_slices()
+        if sl is not None:
+            (rows, cols), (crows, ccols) = sl
+            out[:, :, rows, cols] = crop[:, :, crows, ccols]
+        return out
+
+    def apply_frames_uint8(self, frames: np.ndarray, pad_value: int = 0, chunk: int = 32) -> np.ndarray:
+        """uint8 ``(T, H, W, 3)`` -> uint8 ``(T, out_h, out_w, 3)``: the same pixels as :meth:`apply_frames`, kept in
+        uint8 end to end (for writing clips), ``chunk`` frames at a time for bounded memory."""
+        frames = np.asarray(frames)
+        out = np.full((frames.shape[0], self.out_h, self.out_w, 3), pad_value, np.uint8)
+        sl = self._canvas_slices()
+        if sl is None:
+            return out
+        (rows, cols), (crows, ccols) = sl
+        for s in range(0, frames.shape[0], chunk):
+            crop = self._resized(frames[s : s + chunk]).permute(0, 2, 3, 1).numpy()
+            out[s : s + chunk, rows, cols] = crop[:, crows, ccols]
         return out
 
     def valid_rect(self) -> tuple[int, int, int, int]:
