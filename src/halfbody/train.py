@@ -1,12 +1,15 @@
 """Training entry point: ``python -m halfbody.train [experiment=...] [overrides]``.
 
 It only composes, instantiates and runs (lightning-hydra-template style); all model logic lives in the
-LightningModules, all data logic in the datamodule and all phase logic in callbacks.
+LightningModules, all data logic in the datamodule and all phase logic in callbacks. The config is checked first
+(``halfbody.utils.startup_checks``): a user mistake ends the run in one line, ``error: <key>=<value>: ...``, with exit
+code 2 and no traceback (``HYDRA_FULL_ERROR=1`` shows it).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import hydra
@@ -14,7 +17,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from halfbody.utils.hydra import CONFIG_DIR, instantiate_group
+from halfbody.utils.errors import exit_on_user_error
+from halfbody.utils.hydra import CONFIG_DIR, instantiate_group, quote_brace_patterns
+from halfbody.utils.startup_checks import check_config
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +28,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, callbacks, loggers and trainer from ``cfg``, then fit.
 
     Returns the trainer's callback metrics (floats), so sweeps can optimise ``cfg.optimized_metric``.
+    Raises ``halfbody.utils.errors.UserError`` for a bad config value, before any heavy work.
     """
+    check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):
@@ -49,7 +56,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with exit_on_user_error():
+        metrics = train(cfg)
     name = cfg.get("optimized_metric")
     if name:
         if name not in metrics:
@@ -59,4 +67,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_brace_patterns(sys.argv)  # data.train_shards='/data/train-{000000..000099}.tar' as documented
     main()

@@ -1,0 +1,223 @@
+"""Start-up checks of a composed training config: user mistakes found in seconds, before any heavy work.
+
+:func:`check_config` runs at the top of ``halfbody.train.train``, before the datamodule generates or reads data and
+before the model is built. Each mistake raises a :class:`~halfbody.utils.errors.UserError` whose message is one line
+naming the config key, its value and what was expected; the entry point prints it and exits with code 2.
+
+Checked: numbers (``data.num_workers``, ``data.batch_size``, ``data.num_frames``, ``model.optimizer.lr`` / ``eps``
+/ ``weight_decay``, ``trainer.max_steps``); the shard specs (missing or empty, a glob or brace pattern that matches
+nothing, a folder without shards, files that are not tar archives); the checkpoints (``ckpt_path`` and
+``model.init_checkpoint``: missing, empty, truncated, not a Lightning checkpoint, refused by safe loading, of the
+other model family); and the clip geometry the autoencoder can take (``data.resolution`` divisible by its spatial
+factor, ``data.num_frames`` and every curriculum phase's ``num_frames`` of the form ``1 + k * temporal factor``),
+asked of the autoencoder config itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from halfbody.utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _get(cfg: DictConfig, key: str, default: Any = _MISSING) -> Any:
+    """``cfg``'s value at dotted ``key`` (resolved, plain); a missing mandatory value is a ``UserError``."""
+    try:
+        value = _plain(OmegaConf.select(cfg, key, default=default, throw_on_missing=True))
+    except MissingMandatoryValue:
+        raise UserError(f"{key} is not set (a required value, ??? in the config): give it on the command line, "
+                        f"e.g. {key}=<value>") from None
+    except InterpolationResolutionError as e:
+        raise UserError(f"{key}: cannot resolve its value ({str(e).splitlines()[0]})") from None
+    if value is _MISSING:
+        raise UserError(f"{key} is missing from the config")
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------------------- numbers
+def check_numbers(cfg: DictConfig) -> None:
+    ints = [("data.num_workers", 0, "an integer >= 0 (0 loads data in the main process)"),
+            ("data.batch_size", 1, "an integer >= 1"),
+            ("data.num_frames", 1, "an integer >= 1"),
+            ("trainer.max_steps", -1, "an integer (-1: no step limit)")]
+    for key, low, expected in ints:
+        v = _get(cfg, key, None)
+        if v is not None and not (_is_int(v) and v >= low):
+            raise UserError(f"{key}={v!r}: expected {expected}")
+    opt = _get(cfg, "model.optimizer", None)
+    if isinstance(opt, dict):
+        for name, positive in (("lr", True), ("eps", True), ("weight_decay", False)):
+            if name not in opt:
+                continue
+            v = opt[name]
+            if not _is_number(v) or not (v > 0 if positive else v >= 0) or v != v:
+                what = "a positive number (e.g. 1e-4)" if positive else "a number >= 0"
+                raise UserError(f"model.optimizer.{name}={v!r}: expected {what}")
+
+
+# ---------------------------------------------------------------------------------------------------------- shards
+def _is_remote(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def _is_tar(path: str) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+def check_shards(spec: Any, key: str) -> list[str]:
+    """The local shard files of ``spec`` (config key ``key``), each checked to exist and be a tar archive."""
+    from halfbody.data.datamodule import expand_shards
+
+    if spec is None:
+        return []
+    items = spec if isinstance(spec, list) else [spec]
+    if not items or any(isinstance(s, str) and not s.strip() for s in items):
+        raise UserError(f"{key}={spec!r} is empty: expected a shard folder, a brace pattern "
+                        "(/data/train-{000000..000099}.tar), a glob or a list of them")
+    try:
+        shards = expand_shards(spec, key)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    local = [s for s in shards if not _is_remote(s)]
+    if not local:
+        return []
+    not_tar = [s for s in local if not _is_tar(s)]
+    if len(not_tar) == len(local):
+        raise UserError(f"{key}={spec!r}: none of its {len(local)} file(s) is a tar archive (e.g. {not_tar[0]!r}): "
+                        "expected webdataset .tar shards")
+    if not_tar:
+        log.warning("%s: %d of %d shard(s) are not tar archives and yield no samples (e.g. %r)", key, len(not_tar),
+                    len(local), not_tar[0])
+    return local
+
+
+def check_data(cfg: DictConfig) -> None:
+    if _get(cfg, "data.prepare", None) is not None:
+        return  # the data are generated by data.prepare (the synthetic world) before they are read
+    check_shards(_get(cfg, "data.train_shards"), "data.train_shards")
+    check_shards(_get(cfg, "data.val_shards", None), "data.val_shards")
+
+
+# ---------------------------------------------------------------------------------------------------------- checkpoints
+def check_checkpoints(cfg: DictConfig) -> None:
+    from halfbody.utils.checkpoint_io import SPECIAL_CKPT_PATHS, check_checkpoint_family, inspect_checkpoint
+
+    model_target = _get(cfg, "model._target_", None)
+    for key, resume in (("ckpt_path", True), ("model.init_checkpoint", False)):
+        path = _get(cfg, key, None)
+        if path is None or path == "":
+            continue
+        if not isinstance(path, str):
+            raise UserError(f"{key}={path!r}: expected the path of a Lightning .ckpt file")
+        if (resume and path in SPECIAL_CKPT_PATHS) or _is_remote(path):
+            continue
+        ckpt = inspect_checkpoint(path, key, resume=resume)
+        check_checkpoint_family(ckpt, path, key, model_target)
+
+
+# ---------------------------------------------------------------------------------------------------------- geometry
+def autoencoder_factors(ae_cfg: dict | None) -> tuple[int, int] | None:
+    """``(spatial_factor, temporal_factor)`` of the autoencoder config, without loading weights (None: unknown).
+
+    The patch autoencoder is built (it has no weights); the diffusers VAEs are asked through their ``config.json``
+    (the LTX VAE is built on the meta device, so its own code computes its compression ratios).
+    """
+    if not isinstance(ae_cfg, dict) or "_target_" not in ae_cfg:
+        return None
+    target = str(ae_cfg["_target_"])
+    cls_name = target.rsplit(".", 1)[-1]
+    try:
+        if cls_name == "PatchAutoencoder":
+            import hydra
+
+            ae = hydra.utils.instantiate(ae_cfg)
+            return int(ae.spatial_factor), int(ae.temporal_factor)
+        path = ae_cfg.get("path")
+        config = Path(str(path)) / "config.json" if path else None
+        if config is None or not config.is_file():
+            return None  # the model's loader names the missing key
+        if cls_name == "KLAutoencoder":
+            blocks = json.loads(config.read_text())["block_out_channels"]
+            return 2 ** (len(blocks) - 1), 1
+        if cls_name == "LTXVideoAutoencoder":
+            import torch
+            from diffusers import AutoencoderKLLTXVideo
+
+            with torch.device("meta"):
+                vae = AutoencoderKLLTXVideo.from_config(AutoencoderKLLTXVideo.load_config(str(path)))
+            return int(vae.spatial_compression_ratio), int(vae.temporal_compression_ratio)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model build reports a broken autoencoder config in full
+        log.debug("autoencoder factors unknown for %s: %s", target, e)
+    return None
+
+
+def check_clip_geometry(cfg: DictConfig) -> None:
+    from halfbody.data.transforms import parse_resolution
+
+    ae_cfg = _get(cfg, "model.autoencoder", None)
+    factors = autoencoder_factors(ae_cfg)
+    resolution = _get(cfg, "data.resolution", None)
+    if resolution is not None:
+        try:
+            h, w = parse_resolution(resolution)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"data.{e}") from None
+    if factors is None:
+        return
+    spatial, temporal = factors
+    name = ae_cfg["_target_"].rsplit(".", 1)[-1]
+    if resolution is not None and (h % spatial or w % spatial):
+        raise UserError(f"data.resolution={resolution!r}: the autoencoder ({name}) needs height and width divisible "
+                        f"by {spatial}")
+    if temporal <= 1:
+        return
+    lengths = [("data.num_frames", _get(cfg, "data.num_frames", None))]
+    phases = _get(cfg, "callbacks.curriculum.phases", None)
+    if isinstance(phases, list):
+        for i, phase in enumerate(phases):
+            if isinstance(phase, dict) and phase.get("num_frames") is not None:
+                label = phase.get("name", i)
+                lengths.append((f"callbacks.curriculum.phases[{i}].num_frames (phase {label!r})", phase["num_frames"]))
+    for key, n in lengths:
+        if n is not None and (not _is_int(n) or n < 1 or (n - 1) % temporal):
+            examples = ", ".join(str(1 + k * temporal) for k in (1, 2, 3))
+            raise UserError(f"{key}={n!r}: the causal autoencoder ({name}) needs 1 + k*{temporal} frames "
+                            f"(e.g. {examples})")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every start-up check above; raises the first ``UserError`` found."""
+    check_numbers(cfg)
+    check_clip_geometry(cfg)
+    check_checkpoints(cfg)
+    check_data(cfg)
