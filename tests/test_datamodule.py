@@ -23,7 +23,7 @@ from halfbody.data.dataset import ClipConfig, SampleBuilder, TrainShardDataset, 
 
 F = 8
 SAMPLE_KEYS = {"video", "ref", "audio", "pose", "mask_lips", "mask_head", "mask_face", "valid", "kpts", "fps",
-               "key", "identity", "kind", "bad_samples"}
+               "key", "identity", "kind", "bad_samples", "repairs"}
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +298,7 @@ def test_shard_specs_prepare_and_errors(tmp_path, clips):
     dm.prepare_data()
     dm.setup("fit")
     assert calls == [1] and next(iter(dm.train_dataloader()))["key"][0] in {"g0", "g1"}
-    with pytest.raises(ValueError, match="samples_per_epoch=.*or batches_per_epoch"):
+    with pytest.raises(ValueError, match="data.samples_per_epoch=.*or data.batches_per_epoch"):
         HalfBodyDataModule(str(clips), samples_per_epoch=4, batches_per_epoch=2)
     with pytest.raises(ValueError, match="resolution"):
         HalfBodyDataModule(str(clips), resolution=[32])

@@ -50,11 +50,42 @@ from halfbody.data.dataset import (
 )
 from halfbody.data.transforms import parse_resolution
 from halfbody.utils.containers import to_plain
+from halfbody.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # The training dataset's __len__ is exact: every (rank, worker) yields its own whole-batch share of the epoch.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+
+class ShardPathError(UserError, FileNotFoundError):
+    """A shard path, pattern or directory (``data.train_shards`` / ``data.val_shards``) that gives no shards."""
+
+
+def _int_arg(key: str, value, minimum: int, *, optional: bool = False) -> int | None:
+    """``data.<key>`` as an int >= ``minimum`` (None allowed when ``optional``), else a UserError naming it."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    try:
+        n = int(value) if ok else None
+        ok = ok and float(value) == n
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or n < minimum:
+        raise UserError(f"data.{key}={value!r}: expected an integer >= {minimum}{' or null' if optional else ''}")
+    return n
+
+
+def _float_arg(key: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """``data.<key>`` as a finite number in ``[lo, hi]``, else a UserError naming it."""
+    try:
+        x = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise UserError(f"data.{key}={value!r}: expected a number in [{lo:g}, {hi:g}]")
+    return x
 
 
 def _is_remote(url: str) -> bool:
@@ -75,23 +106,23 @@ def expand_shards(spec: str | Sequence[str] | None, name: str = "shards") -> lis
         if os.path.isdir(spec):
             shards = sorted(glob.glob(os.path.join(spec, "*.tar")))
             if not shards:
-                raise FileNotFoundError(f"{name}={spec!r}: directory has no *.tar shards")
+                raise ShardPathError(f"{name}={spec!r}: directory has no *.tar shards")
             return shards
         out = []
         for p in braceexpand.braceexpand(spec):
             if any(ch in p for ch in "*?["):
                 hits = sorted(glob.glob(p))
                 if not hits:
-                    raise FileNotFoundError(f"{name}={spec!r}: pattern {p!r} matches no files")
+                    raise ShardPathError(f"{name}={spec!r}: pattern {p!r} matches no files")
                 out.extend(hits)
             elif not os.path.isfile(p):
-                raise FileNotFoundError(f"{name}={spec!r}: shard {p!r} does not exist")
+                raise ShardPathError(f"{name}={spec!r}: shard {p!r} does not exist")
             else:
                 out.append(p)
         return out
     if isinstance(spec, Sequence):
         return [s for item in spec for s in expand_shards(item, name)]
-    raise TypeError(f"{name}: expected a path, pattern, directory or list, got {type(spec).__name__}")
+    raise UserError(f"{name}={spec!r}: expected a path, pattern, directory or list, got {type(spec).__name__}")
 
 
 class _EpochLoader(DataLoader):
@@ -175,46 +206,55 @@ class HalfBodyDataModule(L.LightningDataModule):
         self.synthetic = bool(synthetic)
         self.train_shards_spec = to_plain(train_shards)
         self.val_shards_spec = to_plain(val_shards)
-        self.height, self.width = parse_resolution(to_plain(resolution))
-        self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size or batch_size)
-        if self.batch_size < 1 or self.val_batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} / val_batch_size={val_batch_size!r}: must be >= 1")
+        try:
+            self.height, self.width = parse_resolution(to_plain(resolution))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"data.{e}") from None
+        self.batch_size = _int_arg("batch_size", batch_size, 1)
+        self.val_batch_size = _int_arg("val_batch_size", val_batch_size, 1, optional=True) or self.batch_size
         if samples_per_epoch is not None and batches_per_epoch is not None:
-            raise ValueError(f"give samples_per_epoch={samples_per_epoch} or batches_per_epoch={batches_per_epoch}, not both")
+            raise UserError(f"data.samples_per_epoch={samples_per_epoch} or data.batches_per_epoch={batches_per_epoch}: "
+                            "give one of them, not both")
         if samples_per_epoch is not None:
-            if int(samples_per_epoch) < 1:
-                raise ValueError(f"samples_per_epoch={samples_per_epoch!r}: must be >= 1")
-            self.batches_per_epoch = math.ceil(int(samples_per_epoch) / self.batch_size)
+            self.batches_per_epoch = math.ceil(_int_arg("samples_per_epoch", samples_per_epoch, 1) / self.batch_size)
         else:
-            self.batches_per_epoch = int(batches_per_epoch if batches_per_epoch is not None else 500)
-            if self.batches_per_epoch < 1:
-                raise ValueError(f"batches_per_epoch={batches_per_epoch!r}: must be >= 1")
-        self.num_workers = int(num_workers)
-        self.val_samples = None if val_samples is None else int(val_samples)
+            self.batches_per_epoch = _int_arg("batches_per_epoch", batches_per_epoch if batches_per_epoch is not None
+                                              else 500, 1)
+        self.num_workers = _int_arg("num_workers", num_workers, 0)
+        self.val_samples = _int_arg("val_samples", val_samples, 0, optional=True)
         self.val_from_train = bool(val_from_train)
-        self.condition_spec = ConditionSpec.from_any(condition)
+        try:
+            self.condition_spec = ConditionSpec.from_any(to_plain(condition))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"data.condition={to_plain(condition)!r}: {e}") from None
         self._configured_condition_spec = self.condition_spec  # what apply_phase overrides field by field
-        self.clip_kwargs = dict(
-            num_frames=int(num_frames), fps=float(fps), height=self.height, width=self.width, crop=train_crop,
-            scale_jitter=float(scale_jitter), target_head_box=tuple(to_plain(target_head_box)), pad_value=int(pad_value),
-            score_threshold=float(score_threshold), audio_feats_field=audio_feats_field,
-        )
-        ClipConfig(**self.clip_kwargs)  # validate now: errors name the argument
-        self._configured_num_frames = int(num_frames)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.seed = int(seed)
-        self.max_bad_fraction = float(max_bad_fraction)
-        self.min_samples_for_bad_check = int(min_samples_for_bad_check)
+        try:
+            self.clip_kwargs = dict(
+                num_frames=_int_arg("num_frames", num_frames, 1), fps=_float_arg("fps", fps, 1e-3),
+                height=self.height, width=self.width, crop=train_crop,
+                scale_jitter=_float_arg("scale_jitter", scale_jitter, 0.0, 1.0),
+                target_head_box=tuple(to_plain(target_head_box)), pad_value=_int_arg("pad_value", pad_value, 0),
+                score_threshold=_float_arg("score_threshold", score_threshold, 0.0, 1.0), audio_feats_field=audio_feats_field,
+            )
+            ClipConfig(**self.clip_kwargs)  # validate now: errors name the argument
+        except UserError:
+            raise
+        except (TypeError, ValueError) as e:  # ClipConfig's messages start with the argument's name
+            raise UserError(f"data.{e}") from None
+        self._configured_num_frames = self.clip_kwargs["num_frames"]
+        self.shuffle_buffer = _int_arg("shuffle_buffer", shuffle_buffer, 0)
+        self.seed = _int_arg("seed", seed, 0)
+        self.max_bad_fraction = _float_arg("max_bad_fraction", max_bad_fraction, 0.0, 1.0)
+        self.min_samples_for_bad_check = _int_arg("min_samples_for_bad_check", min_samples_for_bad_check, 1)
         self.persistent_workers = bool(persistent_workers)
         self.pin_memory = bool(pin_memory)
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor = _int_arg("prefetch_factor", prefetch_factor, 1, optional=True)
         self.rank, self.world_size = rank, world_size
         self.prepare = prepare
         self.train_dataset: TrainShardDataset | None = None
         self.val_dataset: ValShardDataset | None = None
-        self.bad_ledger = BadSampleLedger(max_bad_fraction, min_samples_for_bad_check, where="all workers",
-                                          log_records=False)
+        # the one place the records of all workers are counted and logged (the workers' own ledgers stay quiet)
+        self.bad_ledger = BadSampleLedger(self.max_bad_fraction, self.min_samples_for_bad_check, where="all workers")
         self._epochs_started = 0
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -224,17 +264,17 @@ class HalfBodyDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         ds_kw = dict(seed=self.seed, rank=self.rank, world_size=self.world_size, max_bad_fraction=self.max_bad_fraction,
-                     min_samples_for_bad_check=self.min_samples_for_bad_check)
-        train_shards = expand_shards(self.train_shards_spec, "train_shards")
+                     min_samples_for_bad_check=self.min_samples_for_bad_check, log_records=False)
+        train_shards = expand_shards(self.train_shards_spec, "data.train_shards")
         if not train_shards and stage in (None, "fit"):
-            raise ValueError(f"train_shards={self.train_shards_spec!r}: no shards")
+            raise ShardPathError(f"data.train_shards={self.train_shards_spec!r}: no shards")
         if stage in (None, "fit") and self.train_dataset is None:
             builder = SampleBuilder(ClipConfig(**self.clip_kwargs), self.condition_spec)
             self.train_dataset = TrainShardDataset(train_shards, builder, batch_size=self.batch_size,
                                                    batches_per_epoch=self.batches_per_epoch,
                                                    shuffle_buffer=self.shuffle_buffer, **ds_kw)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            val_shards = expand_shards(self.val_shards_spec, "val_shards")
+            val_shards = expand_shards(self.val_shards_spec, "data.val_shards")
             if not val_shards and self.val_from_train:
                 val_shards = train_shards
             if val_shards:
@@ -265,6 +305,8 @@ class HalfBodyDataModule(L.LightningDataModule):
         if isinstance(batch, dict) and "bad_samples" in batch:
             for key, reason in batch["bad_samples"]:
                 self.bad_ledger.record(key, reason)
+            for key, reason in batch.get("repairs", ()):
+                self.bad_ledger.record_repair(key, reason)
             self.bad_ledger.add_good(len(batch.get("key", ())))
         return batch
 

@@ -4,12 +4,16 @@ A shard sample follows the public schema (shared/DESIGN.md §1); the training sa
 docs/ARCHITECTURE.md. Any shard that follows the schema works, whoever wrote it: unknown fields are ignored,
 field names are matched case-insensitively (webdataset lower-cases suffixes).
 
-Bad samples (a truncated tar member or shard, an undecodable mp4/wav/ref, a bad json, NaN keypoints, a
-wrong array shape, a missing field, audio or clip too short) are skipped, logged with their key and reason,
-counted, and passed on as ``(key, reason)`` records in the ``bad_samples`` list of the next sample that the
-same worker yields, so that the main process can aggregate them across workers (``collate_samples``
-concatenates the lists). ``reason`` is ``"<category>: <detail>"``; counts group by category. A worker whose
-stream is mostly bad stops with a ``RuntimeError`` instead of spinning (``BadSampleLedger``).
+Bad samples (a truncated tar member or shard, a shard that ends early, an undecodable mp4/wav/ref, a bad json,
+NaN or pixel-unit keypoints, a wrong array shape, a missing field, audio too short or of the wrong duration, a clip
+too short) are skipped and passed on as ``(key, reason)`` records in the ``bad_samples`` list of the next sample
+that the same worker yields, so that the main process can aggregate them across workers (``collate_samples``
+concatenates the lists). Samples that train after a repair (an unfinished wav header, stereo channels that cancel
+on downmix) carry ``(key, reason)`` records in their own ``repairs`` list. ``reason`` is ``"<category>: <detail>"``;
+counts group by category. Each record is logged with its key and reason once, where it is counted: in the
+dataset (``log_records=True``, the default) or, under the datamodule, in the main process, so the lines printed
+and the ``data/*`` counters agree. A worker whose stream is mostly bad stops with a ``RuntimeError`` instead of
+spinning (``BadSampleLedger``). docs/BAD_DATA.md lists every case.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from halfbody.data import media
 from halfbody.data.conditions import ConditionSpec, PoseRenderer, region_masks, valid_mask
-from halfbody.data.keypoints import NUM_KEYPOINTS, REGION_KEYPOINTS
+from halfbody.data.keypoints import NUM_KEYPOINTS, REGION_KEYPOINTS, unnormalised_keypoints
 from halfbody.data.transforms import (
     BadSample,
     Geometry,
@@ -60,10 +64,12 @@ DEFAULT_TARGET_HEAD_BOX = (0.375, 0.05, 0.625, 0.35)
 
 # ------------------------------------------------------------------------------------------ accounting
 class BadSampleLedger:
-    """Counts good and bad samples and raises when most of them are bad.
+    """Counts good, bad (skipped) and repaired samples, and raises when most of them are bad.
 
     Used per dataloader worker (where a bad stream would otherwise spin without ever yielding) and in the main
-    process over all workers' records (``HalfBodyDataModule.on_before_batch_transfer``).
+    process over all workers' records (``HalfBodyDataModule.on_before_batch_transfer``). Counts are per read
+    (``bad``, a sample read again in a later epoch or validation counts again) and per unique key
+    (``bad_unique``). ``log_records`` logs one warning line per record, where it is counted.
     """
 
     def __init__(self, max_bad_fraction: float = 0.5, min_samples: int = 32, where: str = "", log_records: bool = True):
@@ -73,6 +79,9 @@ class BadSampleLedger:
         self.log_records = log_records
         self.good = 0
         self.bad: Counter[str] = Counter()
+        self.bad_keys: dict[str, set[str]] = {}
+        self.repaired: Counter[str] = Counter()
+        self.repaired_keys: dict[str, set[str]] = {}
         self.examples: dict[str, tuple[str, str]] = {}
         self.pending: list[tuple[str, str]] = []
 
@@ -80,14 +89,28 @@ class BadSampleLedger:
     def num_bad(self) -> int:
         return sum(self.bad.values())
 
+    @staticmethod
+    def category(reason: str) -> str:
+        return reason.split(":", 1)[0]
+
     def record(self, key: str, reason: str) -> None:
-        category = reason.split(":", 1)[0]
+        """A skipped sample (or a shard-level loss, keyed by the shard's name)."""
+        category = self.category(reason)
         if self.log_records:
             log.warning("skipping bad sample %s: %s", key, reason)
         self.bad[category] += 1
+        self.bad_keys.setdefault(category, set()).add(str(key))
         self.examples.setdefault(category, (key, reason))
         self.pending.append((key, reason))
         self.check()
+
+    def record_repair(self, key: str, reason: str) -> None:
+        """A sample that trains after a repair (e.g. one stereo channel used); not bad."""
+        category = self.category(reason)
+        if self.log_records:
+            log.warning("repaired sample %s: %s", key, reason)
+        self.repaired[category] += 1
+        self.repaired_keys.setdefault(category, set()).add(str(key))
 
     def add_good(self, n: int = 1) -> None:
         self.good += n
@@ -108,7 +131,18 @@ class BadSampleLedger:
             )
 
     def summary(self) -> dict:
-        return {"good": self.good, "bad": self.num_bad, "by_reason": dict(self.bad)}
+        """``good``/``bad``/``repaired`` per read, ``bad_unique``/``repaired_unique`` per distinct key, and the
+        same by reason category."""
+        return {
+            "good": self.good,
+            "bad": self.num_bad,
+            "bad_unique": len(set().union(*self.bad_keys.values())),
+            "by_reason": dict(self.bad),
+            "by_reason_unique": {c: len(k) for c, k in self.bad_keys.items()},
+            "repaired": sum(self.repaired.values()),
+            "repaired_unique": len(set().union(*self.repaired_keys.values())),
+            "repaired_by_reason": dict(self.repaired),
+        }
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -184,6 +218,44 @@ def parse_meta(payload: bytes) -> dict:
     return meta
 
 
+# The wav header's duration must agree with the clip's (json num_frames / fps) within this many seconds:
+# AUDIO_TOLERANCE_FRAMES frames plus AUDIO_TOLERANCE_FRACTION of the clip. A header claiming a wrong sample
+# rate (1 Hz, 16 Hz, or 8 kHz for 16 kHz samples) fails this before anything is resampled.
+AUDIO_TOLERANCE_FRAMES = 2
+AUDIO_TOLERANCE_FRACTION = 0.05
+
+
+def _note_category(note: str) -> str:
+    if note.startswith("stereo channels cancel"):
+        return "stereo cancels"
+    return "unfinished wav header" if note.startswith("unfinished") else "wav cut short"
+
+
+def load_clip_audio(payload: bytes, num_frames: int, fps: float) -> media.WavAudio:
+    """The ``wav`` field of a clip of ``num_frames`` at ``fps``: header checked against the clip's duration
+    (before any decoding or resampling), then decoded to mono (repairs in ``notes``).
+
+    Raises ``BadSample``: ``undecodable wav``, ``audio too short``, ``audio duration mismatch``.
+    """
+    try:
+        header = media.parse_wav_header(payload)
+    except media.MediaError as e:
+        raise BadSample("undecodable wav", str(e)) from e
+    clip_s = num_frames / fps
+    tol = AUDIO_TOLERANCE_FRAMES / fps + AUDIO_TOLERANCE_FRACTION * clip_s
+    said = (f"the wav holds {header.seconds:.3f} s ({header.frames} samples at {header.rate} Hz"
+            f"{'; ' + header.unfinished if header.unfinished else ''}), the clip is {clip_s:.3f} s "
+            f"({num_frames} frames at {fps:g} fps), tolerance {tol:.3f} s")
+    if header.seconds < clip_s - tol:
+        raise BadSample("audio too short", said)
+    if header.seconds > clip_s + tol:
+        raise BadSample("audio duration mismatch", said + " (a wrong sample rate in the header?)")
+    try:
+        return media.decode_wav(header)
+    except media.MediaError as e:
+        raise BadSample("undecodable wav", str(e)) from e
+
+
 # ------------------------------------------------------------------------------------------ sample builder
 @dataclass
 class ClipConfig:
@@ -257,6 +329,9 @@ class SampleBuilder:
         kpts = kpts.astype(np.float32)
         if not np.all(np.isfinite(kpts)):
             raise BadSample("NaN keypoints", f"{int((~np.isfinite(kpts)).sum())} non-finite values in kpts.npy")
+        units = unnormalised_keypoints(kpts, meta["width"], meta["height"])
+        if units is not None:
+            raise BadSample("pixel-unit keypoints", f"kpts.npy: {units}")
 
         total = meta["num_frames"]
         fps_src = float(meta["fps"])
@@ -274,11 +349,8 @@ class SampleBuilder:
             if not np.all(np.isfinite(feats)):
                 raise BadSample("bad array", f"{c.audio_feats_field} has non-finite values")
 
-        try:
-            audio = media.load_audio_16k(fields["wav"])
-        except media.MediaError as e:
-            raise BadSample("undecodable wav", str(e)) from e
-        audio = audio_window(audio, start, fps_src, c.num_frames, c.fps)
+        wav = load_clip_audio(fields["wav"], total, fps_src)
+        audio = audio_window(media.resample_audio(wav.samples, wav.rate), start, fps_src, c.num_frames, c.fps)
 
         ref_field = next((f for f in REF_FIELDS if f in fields), None)
         ref_idx = None if ref_field is not None else reference_index(total, idx, rng)
@@ -333,6 +405,7 @@ class SampleBuilder:
         }
         if feats is not None:
             sample["audio_feats"] = torch.from_numpy(feats)
+        sample["repairs"] = [(key, f"{_note_category(n)}: {n}") for n in wav.notes]
         return sample
 
     def _geometry(self, meta: dict, win_kpts: np.ndarray, spec: ConditionSpec, src_w: int, src_h: int,
@@ -362,11 +435,52 @@ def _describe(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {msg.split(' @ ')[0]}"
 
 
+class _TailStream:
+    """A read-only stream wrapper that counts the bytes read and keeps the last ``keep`` of them, so that after
+    tarfile stops we can tell a proper end-of-archive (zero blocks at a 512-byte boundary) from a shard that
+    broke off (tarfile silently ends the archive at a header cut short, losing every sample after it)."""
+
+    def __init__(self, stream, keep: int = 512):
+        self.stream, self.keep = stream, keep
+        self.size = 0
+        self.head = b""
+        self.tail = b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if data:
+            if len(self.head) < 8:
+                self.head = (self.head + data)[:8]
+            self.size += len(data)
+            self.tail = (self.tail + data)[-self.keep:] if len(data) < self.keep else data[-self.keep:]
+        return data
+
+    def drain(self, chunk: int = 1 << 16) -> None:
+        while self.read(chunk):
+            pass
+
+    @property
+    def compressed(self) -> bool:  # gzip / bzip2 / xz shards: their own end markers, checked by the decompressor
+        return self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+
+    def ended_properly(self) -> bool:
+        return self.compressed or self.size % 512 == 0 and len(self.tail) == 512 and not any(self.tail)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __str__(self) -> str:
+        return str(self.stream)
+
+
 def read_shard(url: str, ledger: BadSampleLedger) -> Iterator[dict]:
     """Raw samples of one tar shard; tar-level errors (truncated shard or member, junk) are recorded, not raised.
 
     Uses webdataset's tar expander and key grouping with a recording handler. When a shard breaks off, the
     sample that was being read is incomplete: it is recorded as ``tar error`` under its key and not yielded.
+    A shard that breaks off at (or inside) a member header looks like a clean end to tarfile; it is detected
+    from the missing end-of-archive block and recorded as ``shard ended early`` under the shard's name (the
+    samples after the cut are lost and cannot be counted one by one).
     """
     name = os.path.basename(str(url))
     errors: list[BaseException] = []
@@ -376,27 +490,46 @@ def read_shard(url: str, ledger: BadSampleLedger) -> Iterator[dict]:
         return True
 
     try:
-        stream = gopen(url, "rb")
+        stream = _TailStream(gopen(url, "rb"))
     except Exception as e:
         ledger.record(name, f"tar error: cannot open shard {url}: {_describe(e)}")
         return
     try:
         samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler)
-        prev = None
+        prev, keys = None, []
         for s in samples:
             if prev is not None:
                 yield prev
             prev = s
+            keys.append(s.get("__key__"))
+        ended_early = False
+        if not errors:
+            try:
+                stream.drain()
+            except Exception as e:  # a read error after tarfile stopped
+                errors.append(e)
+            else:
+                ended_early = stream.size > 0 and not stream.ended_properly()
+        fields = {str(k).lower() for k in prev} if prev is not None else set()
+        incomplete = prev is not None and not all(f in fields for f in REQUIRED_FIELDS)
         if errors:
             detail = _describe(errors[0])
-            fields = {str(k).lower() for k in prev} if prev is not None else set()
-            if prev is not None and not all(f in fields for f in REQUIRED_FIELDS):
+            if incomplete:
                 ledger.record(str(prev.get("__key__")), f"tar error: truncated in {name}: {detail}")
                 prev = None
             else:
                 ledger.record(name, f"tar error: {detail}")
             for extra in errors[1:]:
                 log.debug("further tar error in %s: %s", name, _describe(extra))
+        elif ended_early:
+            if incomplete:
+                ledger.record(str(prev.get("__key__")), f"tar error: truncated in {name}: the shard breaks off in a "
+                              f"member header after {stream.size} bytes")
+                prev = None
+                keys.pop()
+            after = f"after {len(keys)} samples (last key {keys[-1]!r})" if keys else "before its first sample"
+            ledger.record(name, f"shard ended early: {name} breaks off after {stream.size} bytes without an "
+                          f"end-of-archive block, {after}; the samples after that are lost")
         if prev is not None:
             yield prev
     finally:
@@ -425,8 +558,9 @@ def _share(total: int, slot: int, slots: int) -> int:
 class _ShardDataset(IterableDataset):
     def __init__(self, shards: Sequence[str], builder: SampleBuilder, *, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, max_bad_fraction: float = 0.5, min_samples_for_bad_check: int = 32,
-                 max_consecutive_skips: int = 1000):
+                 max_consecutive_skips: int = 1000, log_records: bool = True):
         super().__init__()
+        self.log_records = bool(log_records)  # False: whoever aggregates the records logs them (the datamodule)
         self.shards = [str(s) for s in shards]
         if not self.shards:
             raise ValueError("no shards given")
@@ -456,7 +590,8 @@ class _ShardDataset(IterableDataset):
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # workers render/resize on one core each
         ledger = BadSampleLedger(self.max_bad_fraction, self.min_samples_for_bad_check,
-                                 where=f"rank {rank}/{world} worker {wid}/{nw} ({len(self.shards)} shards, e.g. {self.shards[0]})")
+                                 where=f"rank {rank}/{world} worker {wid}/{nw} ({len(self.shards)} shards, e.g. {self.shards[0]})",
+                                 log_records=self.log_records)
         return rank, world, wid, nw, ledger
 
     def _build(self, raw: dict, rng, ledger: BadSampleLedger, skips: list[int]) -> dict | None:
@@ -475,6 +610,8 @@ class _ShardDataset(IterableDataset):
             return None
         skips[0] = 0
         ledger.add_good()
+        for k, reason in sample["repairs"]:
+            ledger.record_repair(k, reason)
         sample["bad_samples"] = ledger.take_pending()
         return sample
 
@@ -583,7 +720,8 @@ class ValShardDataset(_ShardDataset):
 
 
 def collate_samples(samples: Sequence[dict]) -> dict:
-    """Stack tensors (leading ``B``), keep strings as lists, concatenate the ``bad_samples`` record lists."""
+    """Stack tensors (leading ``B``), keep strings as lists, concatenate the ``bad_samples`` / ``repairs`` record
+    lists."""
     if not samples:
         raise ValueError("collate_samples: empty batch")
     keys = list(samples[0])
@@ -594,7 +732,7 @@ def collate_samples(samples: Sequence[dict]) -> dict:
     out: dict = {}
     for k in keys:
         vals = [s[k] for s in samples]
-        if k == "bad_samples":
+        if k in ("bad_samples", "repairs"):
             out[k] = [tuple(r) for v in vals for r in v]
         elif torch.is_tensor(vals[0]):
             try:

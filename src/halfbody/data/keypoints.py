@@ -6,6 +6,8 @@ Pose Sampling removes step by step (§3.2.1): P_init (full), P-lips, P-head, P_h
 
 from __future__ import annotations
 
+import numpy as np
+
 NUM_KEYPOINTS = 133
 
 BODY = tuple(range(0, 17))  # COCO-17
@@ -60,3 +62,33 @@ def resolve_pose_groups(groups: str | list[str] | tuple[str, ...]) -> tuple[str,
 def indices_of(groups: tuple[str, ...]) -> tuple[int, ...]:
     """All keypoint indices of the given groups, sorted."""
     return tuple(sorted({i for g in groups for i in KEYPOINT_GROUPS[g]}))
+
+
+# Normalised keypoints may stray a little outside the frame (a hand leaving the picture); pixel coordinates are
+# tens to thousands. A found keypoint (score > 0) outside this range is not in frame units.
+NORMALISED_RANGE = (-1.0, 2.0)
+
+
+def unnormalised_keypoints(kpts, width: int | None = None, height: int | None = None) -> str | None:
+    """Why ``(T, 133, 3)`` keypoints are not ``x, y`` in ``[0, 1]`` of the frame (shared/DESIGN.md §1), else None.
+
+    Keypoints in pixel coordinates would render an empty pose map and empty region masks without any error. Only
+    found keypoints (score > 0) count; the check fails when more than half of them lie outside
+    ``NORMALISED_RANGE``. One function for the loader (reason ``pixel-unit keypoints``) and the pipeline's
+    inspector. ``width``/``height`` (the frame's) only make the message more helpful.
+    """
+    k = np.asarray(kpts)
+    found = k[..., 2] > 0
+    n = int(found.sum())
+    if n == 0:
+        return None
+    xy = k[..., :2][found]
+    lo, hi = NORMALISED_RANGE
+    outside = ((xy < lo) | (xy > hi)).any(axis=-1)
+    if outside.sum() * 2 <= n:
+        return None
+    x_max, y_max = float(xy[:, 0].max()), float(xy[:, 1].max())
+    frame = f" of a {width}x{height} frame" if width and height else ""
+    looks = " (pixel coordinates" + frame + "?)" if x_max > hi or y_max > hi else ""
+    return (f"{int(outside.sum())} of {n} found keypoints outside [{lo:g}, {hi:g}]: x up to {x_max:.4g}, "
+            f"y up to {y_max:.4g}, expected x, y in [0, 1] of the frame{looks}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from dataclasses import dataclass, field
 from fractions import Fraction
 from math import gcd
 from pathlib import Path
@@ -134,19 +135,65 @@ def read_video_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
 _WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT, _WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
 
 
-def read_wav(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Parse a RIFF/WAVE file (integer PCM 8/16/24/32 bit or IEEE float 32/64), downmixed to mono float32.
+@dataclass
+class WavAudio:
+    """A parsed WAVE file: mono float32 ``samples`` at ``rate`` Hz, and ``notes``: what was repaired on the way
+    (an unfinished header, stereo channels that cancel on downmix), one line each."""
 
-    Returns ``(samples, sample_rate)``.
-    """
+    samples: np.ndarray
+    rate: int
+    channels: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / self.rate
+
+
+@dataclass
+class WavHeader:
+    """What a WAVE header says, read without decoding: ``frames`` from the data size (or, for an unfinished
+    header, from the bytes the file holds)."""
+
+    format_tag: int
+    channels: int
+    rate: int
+    block_align: int
+    bits: int
+    frames: int
+    payload: bytes
+    unfinished: str | None  # why the data size was not trusted (None: a finalised header)
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.rate
+
+
+_UNSET_SIZES = (0, 0xFFFFFFFF)  # what streaming writers leave in a header they never finalised
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000  # outside: a broken header, not audio
+CANCEL_RATIO = 0.05  # a downmix below 5 % of its loudest channel's RMS (-26 dB) is channels cancelling
+
+
+def parse_wav_header(data: bytes | str | os.PathLike) -> WavHeader:
+    """Parse the RIFF/WAVE chunks (no sample decoding). A data chunk whose size was never finalised (0 or
+    0xFFFFFFFF, as a writer killed before closing leaves it) or runs past the end of the file covers the bytes
+    the file holds. Raises ``MediaError`` naming what is wrong."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         data = Path(data).read_bytes()
     data = bytes(data)
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise MediaError("not a RIFF/WAVE file")
-    pos, fmt, payload = 12, None, None
+    riff_size = struct.unpack("<I", data[4:8])[0]
+    pos, fmt, payload, unfinished = 12, None, None, None
     while pos + 8 <= len(data):
         cid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        if cid == b"data" and (size in _UNSET_SIZES or pos + 8 + size > len(data)):
+            payload = data[pos + 8 :]
+            if size in _UNSET_SIZES:
+                unfinished = f"unfinished WAVE header (data size {size:#x}, RIFF size {riff_size:#x})"
+            else:
+                unfinished = f"WAVE data chunk cut short ({len(payload)} of {size} bytes)"
+            break
         body = data[pos + 8 : pos + 8 + size]
         if cid == b"fmt ":
             if len(body) < 16:
@@ -160,11 +207,26 @@ def read_wav(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
     if fmt is None or payload is None:
         raise MediaError("WAVE file without fmt or data chunk")
     tag, channels, rate, _, block_align, bits = fmt
-    if channels < 1 or rate < 1 or block_align < 1:
-        raise MediaError(f"bad WAVE header: channels={channels} rate={rate}")
-    n = len(payload) // block_align
-    payload = payload[: n * block_align]
-    width = bits // 8
+    if channels < 1 or block_align < 1:
+        raise MediaError(f"bad WAVE header: channels={channels} block_align={block_align}")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise MediaError(f"bad WAVE header: sample rate {rate} Hz (expected {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE})")
+    frames = len(payload) // block_align
+    return WavHeader(tag, channels, rate, block_align, bits, frames, payload[: frames * block_align], unfinished)
+
+
+def decode_wav(data: bytes | str | os.PathLike | WavHeader) -> WavAudio:
+    """Decode a RIFF/WAVE file (integer PCM 8/16/24/32 bit or IEEE float 32/64) to mono float32.
+
+    Repairs, each noted in ``notes``: an unfinished header (the samples the file holds are read); channels that
+    cancel on downmix (one inverted: the mix is near-silent while the channels are not) -> the loudest channel.
+    A header whose data chunk holds no samples raises ``MediaError`` saying so.
+    """
+    h = data if isinstance(data, WavHeader) else parse_wav_header(data)
+    notes = [h.unfinished] if h.unfinished else []
+    if h.frames == 0:
+        raise MediaError(f"{h.unfinished}: the file holds no samples" if h.unfinished else "WAVE data chunk is empty")
+    payload, channels, width, tag = h.payload, h.channels, h.bits // 8, h.format_tag
     if tag == _WAVE_FORMAT_PCM and width in (1, 2, 4):
         dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
         x = np.frombuffer(payload, dtype=dtype).astype(np.float32)
@@ -176,11 +238,32 @@ def read_wav(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
     elif tag == _WAVE_FORMAT_FLOAT and width in (4, 8):
         x = np.frombuffer(payload, dtype=np.float32 if width == 4 else np.float64).astype(np.float32)
     else:
-        raise MediaError(f"unsupported WAVE encoding: format tag {tag}, {bits} bits")
-    x = x.reshape(-1, channels).mean(axis=1)
+        raise MediaError(f"unsupported WAVE encoding: format tag {tag}, {h.bits} bits")
+    if x.size % channels:
+        raise MediaError(f"bad WAVE header: {x.size} samples do not divide into {channels} channels")
+    x = x.reshape(-1, channels)
     if not np.all(np.isfinite(x)):
         raise MediaError("WAVE samples are not finite")
-    return np.ascontiguousarray(x, dtype=np.float32), int(rate)
+    mono = x.mean(axis=1)
+    if channels > 1:
+        ch_rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=0))
+        loudest = int(np.argmax(ch_rms))
+        mix_rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
+        if ch_rms[loudest] > 1e-4 and mix_rms < CANCEL_RATIO * ch_rms[loudest]:
+            db = 20 * np.log10(max(mix_rms, 1e-12) / ch_rms[loudest])
+            notes.append(f"stereo channels cancel on downmix (mix at {db:.0f} dB of channel {loudest}): "
+                         f"used channel {loudest} of {channels}")
+            mono = x[:, loudest]
+    return WavAudio(np.ascontiguousarray(mono, dtype=np.float32), int(h.rate), channels, notes)
+
+
+def read_wav(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Parse a RIFF/WAVE file (integer PCM 8/16/24/32 bit or IEEE float 32/64), downmixed to mono float32.
+
+    Returns ``(samples, sample_rate)``. See :func:`decode_wav` for the repairs it makes (and reports there).
+    """
+    wav = decode_wav(data)
+    return wav.samples, wav.rate
 
 
 def encode_wav(samples: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> bytes:
