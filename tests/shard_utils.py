@@ -179,7 +179,38 @@ BREAKAGES: dict[str, str] = {
     "wrong_shape": "wrong array shape",
     "undecodable_mp4": "undecodable mp4",
     "audio_short": "audio too short",
+    "empty_mp4": "undecodable mp4",
+    "pixel_kpts": "pixel-unit keypoints",
+    "absurd_rate_wav": "undecodable wav",  # a 16 Hz header: refused before anything is resampled
+    "mislabelled_rate_wav": "audio duration mismatch",  # 16 kHz samples under an 8 kHz header: twice too long
+    "empty_wav": "undecodable wav",
+    "unfinished_empty_wav": "audio too short",  # a header never finalised, and no samples after it
 }
+
+# Each makes a sample that still trains after a repair; the value is the repair's reason category.
+REPAIRS: dict[str, str] = {
+    "unfinished_wav": "unfinished wav header",
+    "stereo_cancel": "stereo cancels",
+}
+
+
+def unfinished_wav(wav: bytes, size: int = 0, keep_samples: bool = True) -> bytes:
+    """A WAVE file whose writer never finalised the header: RIFF and data sizes left at ``size`` (0 or
+    0xFFFFFFFF), with its samples after the header (``keep_samples``) or none."""
+    riff = bytearray(wav)
+    pos = riff.index(b"data")
+    riff[4:8] = struct.pack("<I", size)
+    riff[pos + 4 : pos + 8] = struct.pack("<I", size)
+    return bytes(riff if keep_samples else riff[: pos + 8])
+
+
+def with_wav_rate(wav: bytes, rate: int) -> bytes:
+    """The same samples under a header that claims another sample rate."""
+    out = bytearray(wav)
+    ch, bits = struct.unpack("<H", out[22:24])[0], struct.unpack("<H", out[34:36])[0]
+    out[24:28] = struct.pack("<I", rate)
+    out[28:32] = struct.pack("<I", rate * ch * bits // 8)
+    return bytes(out)
 
 
 def broken_sample(key: str, how: str, **kw) -> dict:
@@ -205,8 +236,37 @@ def broken_sample(key: str, how: str, **kw) -> dict:
     elif how == "audio_short":
         fps = kw.get("fps", 25.0)
         s["wav"] = encode_wav_any(tone_burst(n, fps, 16000, None, seconds=n / fps / 4), 16000)
+    elif how == "empty_mp4":
+        s["mp4"] = b""
+    elif how == "pixel_kpts":
+        k = person_keypoints(n)
+        k[..., 0] *= kw.get("width", 64)
+        k[..., 1] *= kw.get("height", 48)
+        s["kpts.npy"] = npy_bytes(k)
+    elif how == "absurd_rate_wav":
+        s["wav"] = with_wav_rate(s["wav"], 16)
+    elif how == "mislabelled_rate_wav":
+        s["wav"] = with_wav_rate(s["wav"], kw.get("audio_rate", 16000) // 2)
+    elif how == "empty_wav":
+        s["wav"] = b""
+    elif how == "unfinished_empty_wav":
+        s["wav"] = unfinished_wav(s["wav"], keep_samples=False)
     else:
         raise ValueError(f"unknown breakage {how!r}; known: {sorted(BREAKAGES)}")
+    return s
+
+
+def repaired_sample(key: str, how: str, **kw) -> dict:
+    """A sample with a defect the loader repairs (``REPAIRS``)."""
+    if how == "stereo_cancel":  # the right channel is the left one inverted: a plain downmix is silence
+        fps, n, rate = kw.get("fps", 25.0), kw.get("num_frames", 16), kw.get("audio_rate", 16000)
+        left = tone_burst(n, fps, rate, kw.pop("tone_frame", 3))
+        return make_sample(key, audio=np.stack([left, -left], axis=1), **kw)
+    s = make_sample(key, **kw)
+    if how == "unfinished_wav":
+        s["wav"] = unfinished_wav(s["wav"], size=0)
+    else:
+        raise ValueError(f"unknown repair {how!r}; known: {sorted(REPAIRS)}")
     return s
 
 
@@ -231,6 +291,19 @@ def truncate_within_last_member(path: str | Path, field: str = "mp4") -> None:
     cut = last.offset_data + last.size // 2
     with open(path, "r+b") as f:
         f.truncate(cut)
+
+
+def truncate_within_member_header(path: str | Path, member: int, into: int = 100) -> int:
+    """Cut a shard ``into`` bytes into the header of its ``member``-th member (0: the first): tarfile takes the cut
+    for a clean end of archive. Returns the new size."""
+    import tarfile
+
+    path = Path(path)
+    with tarfile.open(path) as tf:
+        offset = tf.getmembers()[member].offset
+    with open(path, "r+b") as f:
+        f.truncate(offset + into)
+    return offset + into
 
 
 def write_shards(directory: str | Path, make: Callable[[int], dict], num_samples: int, per_shard: int,

@@ -705,9 +705,13 @@ class ValShardDataset(_ShardDataset):
             return
         by_shard = len(self.shards) >= slots
         shards = self.shards[slot::slots] if by_shard else self.shards
+        # split by sample, every slot reads every shard: only slot 0 records tar-level losses, so that a broken
+        # shard counts once per pass, not once per slot
+        quiet = BadSampleLedger(1.0, 1 << 62, log_records=False)
+        tar_ledger = ledger if by_shard or slot == 0 else quiet
         emitted, skips, i = 0, [0], -1
         for url in shards:
-            for raw in read_shard(url, ledger):
+            for raw in read_shard(url, tar_ledger):
                 i += 1
                 if not by_shard and i % slots != slot:
                     continue

@@ -147,6 +147,15 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
             raise ValueError(f"data.audio_feats_field={field!r} was not computed by this model's audio encoder: "
                              f"its name must contain {self.audio_encoder.identity!r}")
 
+    def configure_callbacks(self):
+        """Callbacks every family needs whatever the callbacks config holds: the ``data/*`` bad-sample counters
+        (a configured ``BadSampleMonitor`` is kept; Lightning replaces same-type callbacks with these)."""
+        from halfbody.callbacks.bad_samples import BadSampleMonitor
+
+        trainer = getattr(self, "_trainer", None)
+        configured = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, BadSampleMonitor)]
+        return configured[:1] or [BadSampleMonitor()]
+
     def on_fit_start(self) -> None:
         self._base_seed = torch.initial_seed()  # what seed_everything set: the same in a run and its resumption
 
