@@ -101,6 +101,17 @@ def test_writer_failing_mid_write_keeps_previous_and_leaves_no_temp(tmp_path, mo
     assert (last.stat().st_mode & 0o777) == (0o666 & ~_umask())  # not mkstemp's 0600
 
 
+def test_interrupted_save_temporaries_are_removed_by_the_next_save(tmp_path, caplog):
+    last = tmp_path / "last.ckpt"
+    stale = tmp_path / ".last.ckpt.k1ll3d.tmp"  # what a save killed by SIGKILL leaves
+    stale.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    other = tmp_path / ".step_0000003.ckpt.abc.tmp"  # another file's save: not ours to remove
+    other.write_bytes(b"x")
+    AtomicCheckpointIO().save_checkpoint(_state(1), last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "last.ckpt"]
+    assert "interrupted save of last.ckpt" in caplog.text
+
+
 def _umask() -> int:
     m = os.umask(0)
     os.umask(m)

@@ -16,6 +16,7 @@ unreadable file the message points to the newest loadable checkpoint in the same
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import pickle
@@ -36,10 +37,27 @@ log = logging.getLogger(__name__)
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
+def _temporaries(path: Path) -> list[Path]:
+    """Temporary files of saves of ``path`` (``atomic_output``'s names: ``.<name>.<random>.tmp``)."""
+    try:
+        return [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file()]
+    except OSError:
+        return []
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file in ``path``'s directory: fsync, rename, fsync the folder."""
+    """``torch.save(obj, path)`` through a temporary file in ``path``'s directory: fsync, rename, fsync the folder.
+
+    Temporary files of earlier saves of the same ``path`` that were killed mid-write (they existed before this save
+    began) are removed once this save is complete, each reported in the log.
+    """
+    path = Path(path)
+    stale = _temporaries(path)
     with atomic_output(path, durable=True) as tmp:
         torch.save(obj, tmp)
+    for p in stale:
+        log.warning("removing %s: the temporary file of an interrupted save of %s", p, path.name)
+        p.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
