@@ -110,6 +110,11 @@ CASES = {
                                    "+mirrorme.halfbody.num_frames=16"],
                                   r"^callbacks\.curriculum\.phases\[1\]\.num_frames \(phase 'halfbody'\)=16: the "
                                   r"causal autoencoder"),
+    "image_ae_for_dit": (["family=mirrorme", "model/autoencoder=patch"],
+                         r"^model\.autoencoder=PatchAutoencoder \(temporal factor 1\): MirrorMe needs a causal video "
+                         r"autoencoder"),
+    "video_ae_for_unet": (["model/autoencoder=patch_causal"],
+                          r"^model\.autoencoder=PatchAutoencoder \(temporal factor 8\): EchoMimicV2 denoises frame"),
     "num_workers": (["data.num_workers=-1"], r"^data\.num_workers=-1: expected an integer >= 0"),
     "lr_not_a_number": (["model.optimizer.lr=abc"], r"^model\.optimizer\.lr='abc': expected a positive number"),
 }

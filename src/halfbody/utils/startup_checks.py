@@ -196,6 +196,13 @@ def check_clip_geometry(cfg: DictConfig) -> None:
         return
     spatial, temporal = factors
     name = ae_cfg["_target_"].rsplit(".", 1)[-1]
+    model = str(_get(cfg, "model._target_", "")).rsplit(".", 1)[-1]
+    if model == "EchoMimicV2Module" and temporal != 1:
+        raise UserError(f"model.autoencoder={name} (temporal factor {temporal}): EchoMimicV2 denoises frame by frame "
+                        "and needs an image autoencoder (temporal factor 1), e.g. model/autoencoder=patch")
+    if model == "MirrorMeModule" and temporal == 1:
+        raise UserError(f"model.autoencoder={name} (temporal factor 1): MirrorMe needs a causal video autoencoder "
+                        "(temporal factor > 1), e.g. model/autoencoder=patch_causal")
     if resolution is not None and (h % spatial or w % spatial):
         raise UserError(f"data.resolution={resolution!r}: the autoencoder ({name}) needs height and width divisible "
                         f"by {spatial}")
