@@ -306,3 +306,18 @@ def test_monitor_logs_the_counters_on_every_logging_step_and_at_the_end(mixed, t
     assert float(last["data/bad_unique"]) == s["bad_unique"]
     assert float(last["data/bad/bad_json"]) == s["by_reason"]["bad json"]
     assert trainer.callback_metrics["data/bad_samples"].item() == s["bad"]
+
+
+def test_every_model_family_brings_the_monitor_whatever_the_callbacks_config():
+    """MirrorMe runs logged no data/* metric: the counters must not depend on a callbacks entry."""
+    from types import SimpleNamespace
+
+    from halfbody.echomimic_v2.module import EchoMimicV2Module
+    from halfbody.mirrorme.module import MirrorMeModule
+
+    for family in (EchoMimicV2Module, MirrorMeModule):
+        given = family.configure_callbacks(SimpleNamespace(_trainer=SimpleNamespace(callbacks=[])))
+        assert [type(c) for c in given] == [BadSampleMonitor]
+        configured = BadSampleMonitor(every_n_steps=3)
+        kept = family.configure_callbacks(SimpleNamespace(_trainer=SimpleNamespace(callbacks=[configured])))
+        assert kept == [configured]
