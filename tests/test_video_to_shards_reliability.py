@@ -163,3 +163,147 @@ def test_scan_shard_proves_authorship(made, tmp_path):
     cut.write_bytes(shard.read_bytes()[: last.offset_data + last.size // 2])
     with pytest.raises(writer.NotOurs):
         writer.scan_shard(cut, cfg.fingerprint())
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C never hangs
+INTERRUPTED = "interrupted: finished sources are kept; run the same command again to continue"
+NUM_CC = 8  # sources of the Ctrl-C runs, one clip each
+
+
+@pytest.fixture(scope="module")
+def cc_inputs(tmp_path_factory):
+    src = tmp_path_factory.mktemp("v2s_cc") / "in"
+    src.mkdir()
+    for i in range(NUM_CC):
+        talker_video(src / f"s{i}.mp4", index=i, seconds=1.0, canvas=CANVAS)
+    return src
+
+
+def _journals(out: Path) -> dict[str, dict]:
+    d = out / "_sources"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json")) if p.name != "config.json"} \
+        if d.is_dir() else {}
+
+
+def _ctrl_c(src: Path, out: Path, workers: int, moment: str | float) -> None:
+    """Start the CLI in its own process group, press Ctrl-C (SIGINT to the group, as a terminal does) at
+    ``moment`` (seconds after the start, or ``"first"``: as soon as a source is finished), and check: it ends
+    within 10 s with exit code 130 and the one line, no worker survives, finished sources are kept, and the same
+    command then completes with every clip exactly once."""
+    cmd = [sys.executable, "-m", "data_pipelines.video_to_shards", str(src), "--out", str(out), "--workers",
+           str(workers), "--no-progress", *sum((["--set", o] for o in OVERRIDES), [])]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    t0 = time.monotonic()
+    try:
+        while proc.poll() is None:
+            elapsed = time.monotonic() - t0
+            if moment == "first" and _journals(out) or not isinstance(moment, str) and elapsed >= moment:
+                break
+            assert elapsed < 60, "the run did not get going"
+            time.sleep(0.005)
+        finished = set(_journals(out))
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:  # the run had already finished
+            pass
+        t_int = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=10)
+        took = time.monotonic() - t_int
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    for _ in range(100):  # no worker left behind in the process group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the interrupted run")
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    if proc.returncode == 0:  # the run had finished before the key press landed
+        assert stderr == "" and f"{NUM_CC} sources" in stdout
+    else:
+        assert proc.returncode == 130 and stderr.strip() == INTERRUPTED and took < 10, (proc.returncode, stderr, took)
+    assert finished <= set(_journals(out))  # finished sources are kept
+    rep = run(src, out, _cfg(), workers=1, progress=False)
+    assert rep.skipped >= len(finished) and rep.processed + rep.skipped == NUM_CC
+    m = json.loads((out / "manifest.json").read_text())
+    keys = []
+    for s in m["shards"]:
+        with tarfile.open(out / s["name"]) as tf:
+            keys += [n.name.split(".")[0] for n in tf.getmembers() if n.name.endswith(".json")]
+    assert sorted(keys) == [f"s{i}_0000" for i in range(NUM_CC)] and m["num_clips"] == NUM_CC
+
+
+@pytest.mark.parametrize("moment", [0.3, "first"])
+def test_ctrl_c_with_workers_ends_at_once(cc_inputs, tmp_path, moment):
+    """During start-up (imports) and as the first source finishes (workers busy)."""
+    _ctrl_c(cc_inputs, tmp_path / "out", 2, moment)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 3])
+def test_ctrl_c_repeatedly(cc_inputs, tmp_path, workers):
+    """Ctrl-C at many moments: during start-up, as the first source finishes, and later in the run."""
+    for i, moment in enumerate([0.3, 1.0, "first", "first", "first", 2.0, 2.2, 2.4, 2.6, 3.0]):
+        _ctrl_c(cc_inputs, tmp_path / f"out{i}", workers, moment)
+
+
+# ------------------------------------------------------------------------------------------ pixel-unit keypoints
+def test_pixel_unit_sidecars_are_converted_or_rejected(tmp_path):
+    """A sidecar in pixel coordinates of the frame is converted (the clip's keypoints equal those of the same
+    video with a normalised sidecar), with a note; one that does not fit the frame, or mixes units, is rejected
+    naming the file."""
+    src = tmp_path / "in"
+    src.mkdir()
+    talker_video(src / "norm.mp4", index=0, seconds=1.0, canvas=CANVAS)
+    k = np.load(src / "norm.npy")
+    w, h = CANVAS
+    px = k.copy()
+    px[..., 0] *= w
+    px[..., 1] *= h
+    for name, arr in (("pixels", px), ("toobig", px * 4), ("mixed", np.concatenate([px[:10], k[10:]]))):
+        shutil.copy(src / "norm.mp4", src / f"{name}.mp4")
+        np.save(src / f"{name}.npy", arr)
+    rep = run(src, tmp_path / "out", _cfg(), workers=1, progress=False)
+    reasons = {label: reason for label, _, reason in rep.rejections}
+    assert set(reasons) == {"toobig.mp4", "mixed.mp4"}
+    assert reasons["toobig.mp4"].startswith("bad sidecar: toobig.npy is not in [0, 1] frame units")
+    assert "does not fit the 256x144 frame" in reasons["toobig.mp4"]
+    assert reasons["mixed.mp4"].startswith("bad sidecar: mixed.npy mixes units")
+    assert [label for label, _ in rep.notes] == ["pixels.mp4"]
+    assert "pixels.npy: keypoints in pixel coordinates" in rep.notes[0][1] and "256x144" in rep.notes[0][1]
+    assert any("pixels.npy" in line for line in rep.lines())
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [r["source"] for r in m["repairs"]] == ["pixels.mp4"]
+    got = {}
+    for shard in sorted((tmp_path / "out").glob("clips-*.tar")):
+        with tarfile.open(shard) as tf:
+            for mem in tf.getmembers():
+                if mem.name.endswith(".kpts.npy"):
+                    got[mem.name.split(".")[0]] = np.load(io.BytesIO(tf.extractfile(mem).read()))
+    assert sorted(got) == ["norm_0000", "pixels_0000"]
+    assert (got["pixels_0000"][..., 2] > 0.3).sum() > 1000  # a full pose, not an empty one
+    np.testing.assert_allclose(got["pixels_0000"], got["norm_0000"], atol=1e-5)
+
+
+def test_inspector_reports_what_the_loader_rejects(tmp_path):
+    """The inspector lists every breakage with the loader's reason, pixel-unit keypoints and wav headers included
+    (it counted a shard of pixel-unit keypoints as all good)."""
+    from shard_utils import BREAKAGES, broken_sample
+
+    from data_pipelines.video_to_shards import inspect as inspector
+
+    good = make_sample("good", num_frames=8)
+    bad = [broken_sample(f"b_{how}", how, num_frames=8) for how in BREAKAGES]
+    write_shard(tmp_path / "s-000000.tar", [good, *bad])
+    s = inspector.summarize(str(tmp_path))
+    assert s["clips"] == 1
+    assert {b["key"]: b["reason"].split(":")[0] for b in s["bad_samples"]} == {f"b_{h}": r for h, r in BREAKAGES.items()}
+    assert "pixel-unit keypoints" in inspector.format_summary(s)
+    assert person_keypoints(8).max() <= 1  # the good sample's keypoints are in frame units

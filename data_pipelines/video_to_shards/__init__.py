@@ -15,7 +15,20 @@ Public API::
     report = run("videos/", "shards/", cfg, workers=4)   # -> Report (report.manifest = manifest.json)
 """
 
-from .config import ConfigError, PipelineConfig, load_config
-from .pipeline import Report, run
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["ConfigError", "PipelineConfig", "Report", "load_config", "run"]
+_WHERE = {"ConfigError": "config", "PipelineConfig": "config", "load_config": "config", "Report": "pipeline",
+          "run": "pipeline"}
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that ``python -m data_pipelines.video_to_shards`` can answer Ctrl-C during its
+    # (seconds-long) start-up with its one line instead of an import traceback.
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

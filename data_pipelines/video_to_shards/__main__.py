@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
-from .config import ConfigError, load_config
-from .pipeline import run
+INTERRUPTED = "interrupted: finished sources are kept; run the same command again to continue"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,20 +27,44 @@ def main(argv: list[str] | None = None) -> int:
                    help="also redo finished sources that gave no clips (e.g. after adding a missing sidecar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.workers < 1:
+        print(f"error: --workers={a.workers}: expected an integer >= 1", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(a.config, a.overrides)
-        report = run(a.input, a.out, cfg, workers=a.workers, progress=not a.no_progress,
-                     retry_rejected=a.retry_rejected)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # The heavy imports happen here, so that Ctrl-C at any moment (start-up included) gives the one line.
+        from .config import ConfigError, load_config
+        from .pipeline import run
+
+        try:
+            cfg = load_config(a.config, a.overrides)
+            report = run(a.input, a.out, cfg, workers=a.workers, progress=not a.no_progress,
+                         retry_rejected=a.retry_rejected)
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            _done()
+            return 2
+        print("\n".join(report.lines()), flush=True)
+        _done()
+        return 0
     except KeyboardInterrupt:
-        print("interrupted: finished sources are kept; run the same command again to continue", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        _done()
         return 130
-    print("\n".join(report.lines()))
-    return 0
+
+
+def _done() -> None:
+    """As a script: a Ctrl-C from now on (the interpreter's exit) must not kill the finished process by SIGINT."""
+    if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if code == 130:
+        # A Ctrl-C that landed inside some C-level import leaves CPython marked "interrupted" even though it was
+        # handled, and the interpreter would then end itself by SIGINT instead of exiting with 130.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

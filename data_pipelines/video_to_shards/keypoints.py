@@ -7,7 +7,12 @@ frame, score in ``[0, 1]``; not found = score 0, always finite) of the main pers
 - ``SidecarKeypoints`` reads ``<video stem><keypoints.sidecar_suffix>`` next to the video: ``(T_src, 133, 3)``
   (one person) or ``(T_src, P, 133, 3)`` (P person slots; a slot with fewer than 3 visible body points is
   empty), one row per source frame in presentation order, ``x, y`` normalised to the source frame *as
-  displayed* (after any rotation). Users who already ran a pose model use it; the tests use it.
+  displayed* (after any rotation). Users who already ran a pose model use it; the tests use it. A sidecar in
+  pixel coordinates (the raw output of most pose tools) would otherwise give clips with an empty pose map: it is
+  detected (found points, score > 0, mostly outside ``[-1, 2]``: the loader's ``NORMALISED_RANGE`` rule) and, when every found
+  point lies inside the displayed frame (10 % margin), converted (``x / width``, ``y / height``) with a logged
+  warning and a note in the source's journal; otherwise (points beyond the frame, or frames in both units) the
+  source is rejected as ``bad sidecar`` naming the file.
 - ``RtmlibWholeBody`` runs DWPose / RTMW through the ``rtmlib`` package on onnxruntime: a YOLOX person detector
   (``keypoints.det_model``) then the whole-body pose model (``keypoints.pose_model``) on the largest person.
   Both are local ONNX files; a missing one fails at start-up naming its key. ``rtmlib`` is imported lazily:
@@ -18,15 +23,68 @@ from __future__ import annotations
 
 import abc
 import inspect
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from halfbody.data.keypoints import BODY, NUM_KEYPOINTS
+from halfbody.data.keypoints import BODY, NORMALISED_RANGE, NUM_KEYPOINTS
 
 from .config import ConfigError, PipelineConfig
 from .decode import Frame, SourceError, VideoInfo
 from .sources import Source
+
+
+log = logging.getLogger(__name__)
+
+PIXEL_MARGIN = 0.1  # pixel-unit points may stray this fraction of the frame outside it and still be converted
+
+
+def sidecar_units(arr: np.ndarray, width: int, height: int, name: str, chunk: int = 2048) -> tuple[str | None, str | None]:
+    """Whether sidecar keypoints ``(T, [P,] 133, 3)`` are normalised or in pixels of a ``width x height`` frame.
+
+    Returns ``(None, None)`` for normalised keypoints, ``("pixels", note)`` for pixel coordinates that fit the
+    frame (convert by dividing by the frame size). Raises ``SourceError("bad sidecar", ...)`` naming the file when
+    the units cannot be told or trusted: pixel-like values beyond the frame, or frames in both units.
+    """
+    lo, hi = NORMALISED_RANGE
+    norm_frames = pix_frames = 0
+    x_max = y_max = -np.inf
+    x_min = y_min = np.inf
+    first_pix = first_norm = None
+    for s in range(0, arr.shape[0], chunk):
+        k = np.asarray(arr[s : s + chunk], dtype=np.float32)
+        if k.ndim == 3:
+            k = k[:, None]  # (t, person slots, 133, 3)
+        ok = np.all(np.isfinite(k), axis=-1) & (k[..., 2] > 0)
+        n = ok.sum(-1)
+        outside = (((k[..., :2] < lo) | (k[..., :2] > hi)).any(-1) & ok).sum(-1)
+        pix = ((n >= 3) & (outside * 2 > n)).any(-1)  # per frame: a person slot in pixel-like values
+        norm = ((n >= 3) & (outside == 0)).any(-1)  # a person slot entirely in frame units
+        if pix.any() and first_pix is None:
+            first_pix = s + int(np.argmax(pix))
+        if norm.any() and first_norm is None:
+            first_norm = s + int(np.argmax(norm))
+        pix_frames += int(pix.sum())
+        norm_frames += int(norm.sum())
+        if ok.any():
+            xy = k[..., :2][ok]
+            x_max, y_max = max(x_max, float(xy[:, 0].max())), max(y_max, float(xy[:, 1].max()))
+            x_min, y_min = min(x_min, float(xy[:, 0].min())), min(y_min, float(xy[:, 1].min()))
+    if pix_frames == 0:
+        return None, None
+    if norm_frames:
+        raise SourceError("bad sidecar", f"{name} mixes units: frame {first_norm} has x, y in [0, 1] of the frame, "
+                          f"frame {first_pix} pixel-like values (x up to {x_max:.4g}, y up to {y_max:.4g}); "
+                          f"expected x, y normalised to the {width}x{height} frame throughout")
+    mx, my = PIXEL_MARGIN * width, PIXEL_MARGIN * height
+    if x_max > width + mx or y_max > height + my or x_min < -mx or y_min < -my:
+        raise SourceError("bad sidecar", f"{name} is not in [0, 1] frame units (found points x in [{x_min:.4g}, "
+                          f"{x_max:.4g}], y in [{y_min:.4g}, {y_max:.4g}]) and does not fit the {width}x{height} "
+                          f"frame as pixel coordinates either; expected x, y normalised to the frame as displayed")
+    note = (f"{name}: keypoints in pixel coordinates (x up to {x_max:.4g}, y up to {y_max:.4g}) converted to frame "
+            f"units by the {width}x{height} frame size as displayed")
+    return "pixels", note
 
 
 def clean_keypoints(kpts: np.ndarray) -> np.ndarray:
@@ -81,8 +139,11 @@ class SidecarKeypoints(KeypointExtractor):
         self.score_threshold = cfg.filters.score_threshold
         self._arr: np.ndarray | None = None
         self._path = ""
+        self._scale: tuple[float, float] | None = None  # divide x, y by these (pixel-unit sidecars)
+        self.notes: list[str] = []  # per source, e.g. a unit conversion (kept in the journal)
 
     def open(self, source: Source, info: VideoInfo) -> None:
+        self.notes, self._scale = [], None
         path = Path(source.sidecar)
         self._path = str(path)
         if not path.is_file():
@@ -96,10 +157,17 @@ class SidecarKeypoints(KeypointExtractor):
             raise SourceError("bad sidecar", f"{path.name} has shape {arr.shape}, expected (T, 133, 3) or (T, P, 133, 3)")
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise SourceError("bad sidecar", f"{path.name} has dtype {arr.dtype}")
+        units, note = sidecar_units(arr, info.width, info.height, path.name)
+        if units == "pixels":
+            log.warning("%s", note)
+            self._scale = (float(info.width), float(info.height))
+            self.notes.append(note)
         self._arr = arr
 
     def close(self) -> None:
         self._arr = None
+        self._scale = None
+        self.notes = []
 
     def extract(self, frames: list[Frame]) -> tuple[np.ndarray, np.ndarray]:
         arr = self._arr
@@ -109,7 +177,11 @@ class SidecarKeypoints(KeypointExtractor):
         if idx.size and int(idx.max()) >= arr.shape[0]:
             raise SourceError("bad sidecar", f"{Path(self._path).name} has {arr.shape[0]} frames, the video has at "
                               f"least {int(idx.max()) + 1}")
-        k = clean_keypoints(np.asarray(arr[idx], dtype=np.float32))
+        k = np.array(arr[idx], dtype=np.float32)
+        if self._scale is not None:
+            k[..., 0] /= self._scale[0]
+            k[..., 1] /= self._scale[1]
+        k = clean_keypoints(k)
         if k.ndim == 3:
             persons = _person_present(k, self.score_threshold).astype(np.int64)
             return k, persons

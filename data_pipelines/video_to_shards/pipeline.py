@@ -8,12 +8,14 @@ e.g. after adding a missing sidecar), and packs whatever is finished but not yet
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ class Report:
     processed: int = 0
     clips: int = 0  # clips written by this run
     rejections: list[tuple[str, str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (source label, note): repairs, e.g. unit conversions
     shards_written: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -63,6 +66,9 @@ class Report:
                        f"{', '.join(self.restored[:10])}{' ...' if len(self.restored) > 10 else ''}")
         for name, why in self.untouched:
             out.append(f"left untouched, not written by this configuration (not in the manifest): {name}: {why}")
+        if self.notes:
+            out.append(f"repaired now ({len(self.notes)}):")
+            out += [f"  {label}: {note}" for label, note in self.notes[:limit]]
         if self.rejections:
             out.append(f"rejected now ({len(self.rejections)}): {self.by_reason}")
             out += [f"  {label} [{where}]: {reason}" for label, where, reason in self.rejections[:limit]]
@@ -102,6 +108,19 @@ def _worker_main(conn, cfg: PipelineConfig, out: str) -> None:
         conn.send(_work(source))
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside (a no-op outside the main thread, where signals cannot be changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 class _Pool:
     """Worker processes fed one source at a time over pipes. The parent never blocks without a timeout: it waits
     on the pipes and the processes together, so a worker that dies (killed, out of memory) is noticed, its source
@@ -121,12 +140,9 @@ class _Pool:
     def _start(self) -> list:
         parent, child = self.ctx.Pipe()
         # Workers start with SIGINT ignored, so a Ctrl-C during their start-up cannot print a traceback.
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with _sigint_ignored():
             p = self.ctx.Process(target=_worker_main, args=(child, self.cfg, str(self.out)), daemon=True)
             p.start()
-        finally:
-            signal.signal(signal.SIGINT, old)
         child.close()
         w = [p, parent, None]
         self.workers.append(w)
@@ -176,7 +192,12 @@ class _Pool:
                         self._start()
 
     def close(self, timeout: float = 3.0) -> None:
-        """Stop every worker: ask the idle ones to leave, terminate the busy ones, kill what remains."""
+        """Stop every worker: ask the idle ones to leave, terminate the busy ones, kill what remains. A second
+        Ctrl-C meanwhile is ignored (this takes at most ``timeout`` + 1 s)."""
+        with _sigint_ignored():
+            self._close(timeout)
+
+    def _close(self, timeout: float) -> None:
         for p, conn, source in self.workers:
             try:
                 if source is None and p.is_alive():
@@ -252,6 +273,7 @@ def _run_locked(sources: list[Source], out: Path, cfg: PipelineConfig, extractor
         report.clips += len(journal["clips"])
         for r in journal["rejections"]:
             report.rejections.append((journal["label"] or journal["sid"], r["where"], r["reason"]))
+        report.notes += [(journal["label"] or journal["sid"], n) for n in journal.get("notes", [])]
         if bar is not None:
             bar.set_postfix(clips=report.clips, rejected=len(report.rejections), refresh=False)
             bar.update(1)

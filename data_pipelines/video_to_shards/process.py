@@ -182,12 +182,14 @@ def process_source(source: Source, cfg: PipelineConfig, out_dir: str | Path, ext
         part.discard()
         raise
     finally:
+        notes = list(getattr(extractor, "notes", []) or [])  # e.g. a pixel-unit sidecar converted
         extractor.close()
     part.commit()
     journal = {
         "sid": source.sid, "label": source.label, "video": source.video, "identity": source.identity,
         "start": source.start, "end": source.end, "config": cfg.fingerprint(), "version": PIPELINE_VERSION,
-        "clips": run.clips, "rejections": run.rejections, "seconds_decoded": round(run.seconds, 3),
+        "clips": run.clips, "rejections": run.rejections, "notes": notes if run.clips else [],
+        "seconds_decoded": round(run.seconds, 3),
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     writer.write_journal(out, source.sid, journal)

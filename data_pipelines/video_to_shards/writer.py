@@ -493,7 +493,7 @@ def build_manifest(out: Path, cfg: PipelineConfig, shards: list[dict], packed: d
     seconds: Counter[str] = Counter()
     identities: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
-    items = []
+    items, repairs = [], []
     with_clips = rejected = 0
     for sid in sorted(packed):
         j = read_journal(out, sid)
@@ -514,6 +514,7 @@ def build_manifest(out: Path, cfg: PipelineConfig, shards: list[dict], packed: d
         for r in j["rejections"]:
             by_reason[r["reason"].split(":", 1)[0]] += 1
             items.append({"source": j["label"] or sid, "where": r["where"], "reason": r["reason"]})
+        repairs += [{"source": j["label"] or sid, "note": note} for note in j.get("notes", [])]
     n = sum(s["num_samples"] for s in shards)
     names = [s["name"] for s in shards]
     contiguous = names == [f"{cfg.shards.prefix}-{i:06d}.tar" for i in range(len(names))]
@@ -532,6 +533,8 @@ def build_manifest(out: Path, cfg: PipelineConfig, shards: list[dict], packed: d
         "shard_pattern": f"{cfg.shards.prefix}-{{000000..{len(shards) - 1:06d}}}.tar" if shards and contiguous else None,
         "packed": dict(sorted(packed.items())),
     }
+    if repairs:  # e.g. pixel-unit sidecar keypoints converted to frame units
+        manifest["repairs"] = repairs
     if holdings is not None and holdings.untouched:
         manifest["untouched"] = [{"name": n_, "reason": r} for n_, r in holdings.untouched]
     return manifest
