@@ -307,3 +307,27 @@ def test_inspector_reports_what_the_loader_rejects(tmp_path):
     assert {b["key"]: b["reason"].split(":")[0] for b in s["bad_samples"]} == {f"b_{h}": r for h, r in BREAKAGES.items()}
     assert "pixel-unit keypoints" in inspector.format_summary(s)
     assert person_keypoints(8).max() <= 1  # the good sample's keypoints are in frame units
+
+
+def test_a_worker_that_dies_does_not_hang_the_run(cc_inputs, tmp_path, monkeypatch):
+    """A worker killed mid-source (say by the out-of-memory killer): its source is rejected with the reason, a
+    new worker takes over, and the run completes (a multiprocessing.Pool waited for it forever)."""
+    from data_pipelines.video_to_shards import pipeline
+
+    real = pipeline.process_source
+
+    def oom_on_s2(source, *a, **kw):
+        if source.sid == "s2":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(source, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "process_source", oom_on_s2)  # workers are forked: they see the patch
+    t0 = time.monotonic()
+    rep = run(cc_inputs, tmp_path / "out", _cfg(), workers=2, progress=False)
+    assert time.monotonic() - t0 < 60
+    assert rep.processed == NUM_CC and rep.clips == NUM_CC - 1
+    assert [(label, reason.split(":")[0]) for label, _, reason in rep.rejections] == [("s2.mp4", "worker died")]
+    assert "killed by signal 9" in rep.rejections[0][2]
+    monkeypatch.setattr(pipeline, "process_source", real)
+    again = run(cc_inputs, tmp_path / "out", _cfg(), workers=2, progress=False, retry_rejected=True)
+    assert (again.processed, again.clips, again.manifest["num_clips"]) == (1, 1, NUM_CC)

@@ -105,7 +105,11 @@ def _worker_main(conn, cfg: PipelineConfig, out: str) -> None:
             return
         if source is None:
             return
-        conn.send(_work(source))
+        journal = _work(source)
+        try:
+            conn.send(journal)
+        except OSError:  # the parent is gone (the journal is on disk: the next run skips the source)
+            return
 
 
 @contextlib.contextmanager

@@ -425,8 +425,8 @@ def pack(out: Path, order: list[str], cfg: PipelineConfig, holdings: Holdings | 
     have: dict[str, int] = {}
     for sid, j in journals.items():
         want = {c["key"] for c in j["clips"]}
-        if holdings.keys is None:  # the manifest's record: a source in it is done (maybe with lost clips)
-            if sid in packed:
+        if holdings.keys is None:  # the manifest's record: a source with clips in it is done (maybe with lost ones)
+            if packed.get(sid, 0) > 0:
                 continue
             missing, have[sid] = want, 0
         else:
