@@ -331,3 +331,28 @@ def test_a_worker_that_dies_does_not_hang_the_run(cc_inputs, tmp_path, monkeypat
     monkeypatch.setattr(pipeline, "process_source", real)
     again = run(cc_inputs, tmp_path / "out", _cfg(), workers=2, progress=False, retry_rejected=True)
     assert (again.processed, again.clips, again.manifest["num_clips"]) == (1, 1, NUM_CC)
+
+
+def test_sigterm_to_the_group_stops_like_ctrl_c(cc_inputs, tmp_path):
+    """A shutdown or a scheduler's preemption (SIGTERM to every process): the same clean stop, and no source is
+    marked as rejected because its worker was stopped."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_pipelines.video_to_shards", str(cc_inputs), "--out", str(out), "--workers",
+           "2", "--no-progress", *sum((["--set", o] for o in OVERRIDES), [])]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    while proc.poll() is None and not _journals(out):
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.005)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    _, stderr = proc.communicate(timeout=10)
+    assert "Traceback" not in stderr, stderr
+    if proc.returncode != 0:
+        assert proc.returncode == 130 and INTERRUPTED in stderr, (proc.returncode, stderr)
+    assert all(not j["rejections"] for j in _journals(out).values())  # nothing blamed on the sources
+    rep = run(cc_inputs, out, _cfg(), workers=1, progress=False)
+    assert rep.manifest["num_clips"] == NUM_CC and not rep.rejections

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --workers={a.workers}: expected an integer >= 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if __name__ == "__main__":  # as a script: SIGTERM (a shutdown, a scheduler) stops the run like Ctrl-C
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         # The heavy imports happen here, so that Ctrl-C at any moment (start-up included) gives the one line.
         from .config import ConfigError, load_config
@@ -53,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _done() -> None:
     """As a script: a Ctrl-C from now on (the interpreter's exit) must not kill the finished process by SIGINT."""
     if __name__ == "__main__":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def _worker_main(conn, cfg: PipelineConfig, out: str) -> None:
     """A worker process: one source at a time from ``conn``, its journal back. Ctrl-C is the parent's business
     (the terminal sends SIGINT to the whole process group): workers ignore it and are stopped by the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's own handler (the CLI's) is not for workers
     _init_worker(cfg, out)
     while True:
         try:
@@ -112,6 +113,9 @@ def _worker_main(conn, cfg: PipelineConfig, out: str) -> None:
             return
 
 
+_STOP_SIGNALS = {int(signal.SIGINT), int(signal.SIGTERM), int(getattr(signal, "SIGHUP", signal.SIGTERM))}
+
+
 @contextlib.contextmanager
 def _sigint_ignored():
     """SIGINT ignored inside (a no-op outside the main thread, where signals cannot be changed)."""
@@ -123,6 +127,19 @@ def _sigint_ignored():
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def _sigterm_default():
+    """SIGTERM at its default action inside (a no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class _Pool:
@@ -143,8 +160,9 @@ class _Pool:
 
     def _start(self) -> list:
         parent, child = self.ctx.Pipe()
-        # Workers start with SIGINT ignored, so a Ctrl-C during their start-up cannot print a traceback.
-        with _sigint_ignored():
+        # Workers start with SIGINT ignored and SIGTERM default, so a Ctrl-C during their start-up cannot print a
+        # traceback, and terminating them is immediate.
+        with _sigint_ignored(), _sigterm_default():
             p = self.ctx.Process(target=_worker_main, args=(child, self.cfg, str(self.out)), daemon=True)
             p.start()
         child.close()
@@ -191,7 +209,13 @@ class _Pool:
                     conn.close()
                     self.workers.remove(w)
                     busy -= 1
-                    yield _worker_died(source, self.cfg, self.out, p.exitcode)
+                    if p.exitcode is not None and -p.exitcode in _STOP_SIGNALS:
+                        # Stopped from outside (a shutdown, a scheduler's preemption): not the source's fault. No
+                        # journal, so the next run redoes it.
+                        log.warning("the worker processing %s was stopped by signal %d; the next run redoes it",
+                                    source.label, -p.exitcode)
+                    else:
+                        yield _worker_died(source, self.cfg, self.out, p.exitcode)
                     if queue:
                         self._start()
 
