@@ -356,3 +356,20 @@ def test_sigterm_to_the_group_stops_like_ctrl_c(cc_inputs, tmp_path):
     assert all(not j["rejections"] for j in _journals(out).values())  # nothing blamed on the sources
     rep = run(cc_inputs, out, _cfg(), workers=1, progress=False)
     assert rep.manifest["num_clips"] == NUM_CC and not rep.rejections
+
+
+def test_a_removed_shard_is_reported_and_its_source_can_be_redone(made, tmp_path):
+    src, out, manifest = _copy(made, tmp_path)
+    (out / "clips-000001.tar").unlink()  # ben's clip
+    rep = run(src, out, _cfg(), workers=1, progress=False)
+    assert "clips-000001.tar, which is missing" in rep.rebuilt and rep.processed == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_clips"] == 2 and [s["name"] for s in m["shards"]] == ["clips-000000.tar", "clips-000002.tar"]
+    (item,) = m["rejections"]["items"]
+    assert item["source"] == "ben.mp4" and item["reason"].startswith("clips lost: 1 of its 1 clips")
+    assert "_sources/ben.json" in item["reason"]
+    (out / "_sources" / "ben.json").unlink()  # as the reason says: the source is redone, into a new shard
+    again = run(src, out, _cfg(), workers=1, progress=False)
+    assert (again.processed, again.shards_written) == (1, ["clips-000003.tar"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_clips"] == 3 and m["rejections"]["total"] == 0 and m["identities"] == manifest["identities"]

@@ -500,10 +500,11 @@ def build_manifest(out: Path, cfg: PipelineConfig, shards: list[dict], packed: d
         if j is None:
             continue
         lost = len(j["clips"]) - packed[sid]
-        if lost > 0:  # a part file that went missing: these clips are in no shard
+        if lost > 0:  # a shard or part file that went missing: these clips are in no shard
             items.append({"source": j["label"] or sid, "where": "source",
-                          "reason": f"part file missing: {lost} of {len(j['clips'])} clips not in any shard"})
-            by_reason["part file missing"] += 1
+                          "reason": f"clips lost: {lost} of its {len(j['clips'])} clips are in no shard and have no "
+                                    f"part file (removed?); delete {WORK_DIR}/{sid}.json and run again to redo it"})
+            by_reason["clips lost"] += 1
             continue
         for c in j["clips"]:
             kinds[c["kind"]] += 1
