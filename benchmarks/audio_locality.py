@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import halfbody.utils.hydra  # noqa: F401  (registers the hb_root resolver)
+from halfbody.data.dataset import AUDIO_FIELDS
 
 
 @torch.no_grad()
@@ -42,7 +43,8 @@ def main(run_dir: Path, regions=("lips", "head", "global"), steps: int = 10) -> 
         model.audio_region = region
         inside, outside = [], []
         for i, batch in enumerate(batches):
-            other = dict(batch, audio=batches[(i + 1) % len(batches)]["audio"])
+            donor = batches[(i + 1) % len(batches)]  # its audio: the window and the context the encoder hears
+            other = dict(batch, **{k: donor[k] for k in AUDIO_FIELDS if k in donor})
             a = model.generate(batch, num_inference_steps=steps, guidance_scale=1.0,
                                generator=torch.Generator().manual_seed(i))
             b = model.generate(other, num_inference_steps=steps, guidance_scale=1.0,

@@ -23,7 +23,8 @@ from halfbody.data.dataset import ClipConfig, SampleBuilder, TrainShardDataset, 
 
 F = 8
 SAMPLE_KEYS = {"video", "ref", "audio", "pose", "mask_lips", "mask_head", "mask_face", "valid", "kpts", "fps",
-               "key", "identity", "kind", "bad_samples", "repairs"}
+               "key", "identity", "kind", "bad_samples", "repairs", "audio_context", "audio_context_offset",
+               "audio_context_length"}
 
 
 @pytest.fixture(scope="module")

@@ -159,6 +159,10 @@ class HalfBodyDataModule(L.LightningDataModule):
         pad_value: padding pixel value in 0..255 (HPA).
         score_threshold: keypoints below it are not drawn and do not count for masks.
         audio_feats_field: optional precomputed feature field (see module docstring), yields ``audio_feats``.
+        audio_context: what the audio encoder hears around the window: ``"clip"`` (the clip's whole audio, as the
+            released EchoMimicV2 encodes it), ``[before_s, after_s]`` seconds around the window (zeros outside the
+            clip), or ``None`` (the window alone). Yields ``audio_context`` ``(S_ctx,)`` (zero-padded to the batch's
+            longest), ``audio_context_offset`` (the window's first sample in it) and ``audio_context_length``.
         shuffle_buffer: training samples mixed across shards before decoding.
         seed: base seed of the per-(rank, worker, epoch) seeds.
         max_bad_fraction / min_samples_for_bad_check: stop with a RuntimeError when, after at least that many
@@ -190,6 +194,7 @@ class HalfBodyDataModule(L.LightningDataModule):
         pad_value: int = 0,
         score_threshold: float = 0.3,
         audio_feats_field: str | None = None,
+        audio_context: str | Sequence[float] | None = "clip",
         shuffle_buffer: int = 16,
         seed: int = 0,
         max_bad_fraction: float = 0.5,
@@ -235,6 +240,7 @@ class HalfBodyDataModule(L.LightningDataModule):
                 scale_jitter=_float_arg("scale_jitter", scale_jitter, 0.0, 1.0),
                 target_head_box=tuple(to_plain(target_head_box)), pad_value=_int_arg("pad_value", pad_value, 0),
                 score_threshold=_float_arg("score_threshold", score_threshold, 0.0, 1.0), audio_feats_field=audio_feats_field,
+                audio_context=to_plain(audio_context),
             )
             ClipConfig(**self.clip_kwargs)  # validate now: errors name the argument
         except UserError:

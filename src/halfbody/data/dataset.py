@@ -42,6 +42,7 @@ from halfbody.data.keypoints import NUM_KEYPOINTS, REGION_KEYPOINTS, unnormalise
 from halfbody.data.transforms import (
     BadSample,
     Geometry,
+    audio_context,
     audio_window,
     crop_geometry,
     face_geometry,
@@ -54,6 +55,8 @@ from halfbody.data.transforms import (
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("mp4", "wav", "kpts.npy", "json")
+# a sample's driving audio: the window, and the context the audio encoder hears (ClipConfig.audio_context)
+AUDIO_FIELDS = ("audio", "audio_context", "audio_context_offset", "audio_context_length")
 REF_FIELDS = ("ref.png", "ref.jpg", "ref.jpeg")
 KINDS = ("halfbody", "headshot")
 
@@ -271,6 +274,8 @@ class ClipConfig:
     pad_value: int = 0
     score_threshold: float = 0.3
     audio_feats_field: str | None = None
+    # what the audio encoder hears around the window: "clip", [before_s, after_s], or None (the window alone)
+    audio_context: str | Sequence[float] | None = "clip"
 
     def __post_init__(self) -> None:
         if int(self.num_frames) < 1:
@@ -285,6 +290,16 @@ class ClipConfig:
         self.target_head_box = tuple(tb)
         if self.audio_feats_field is not None:
             self.audio_feats_field = str(self.audio_feats_field).lower()
+        ctx = self.audio_context
+        if ctx is not None and ctx != "clip":
+            try:
+                before, after = (float(v) for v in ctx)
+                ok = isinstance(ctx, Sequence) and not isinstance(ctx, str) and before >= 0 and after >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"audio_context={ctx!r}: expected 'clip', [before_s, after_s] with both >= 0, or null")
+            self.audio_context = (before, after)
 
 
 class SampleBuilder:
@@ -350,7 +365,11 @@ class SampleBuilder:
                 raise BadSample("bad array", f"{c.audio_feats_field} has non-finite values")
 
         wav = load_clip_audio(fields["wav"], total, fps_src)
-        audio = audio_window(media.resample_audio(wav.samples, wav.rate), start, fps_src, c.num_frames, c.fps)
+        audio16 = media.resample_audio(wav.samples, wav.rate)
+        audio = audio_window(audio16, start, fps_src, c.num_frames, c.fps)
+        context = None
+        if c.audio_context is not None:
+            context = audio_context(audio16, start, fps_src, audio.shape[0], c.audio_context)
 
         ref_field = next((f for f in REF_FIELDS if f in fields), None)
         ref_idx = None if ref_field is not None else reference_index(total, idx, rng)
@@ -403,6 +422,10 @@ class SampleBuilder:
             "identity": meta["identity"],
             "kind": kind,
         }
+        if context is not None:  # the encoder hears the context; per-frame windows start at the offset
+            sample["audio_context"] = torch.from_numpy(context[0])
+            sample["audio_context_offset"] = context[1]
+            sample["audio_context_length"] = int(context[0].shape[0])
         if feats is not None:
             sample["audio_feats"] = torch.from_numpy(feats)
         sample["repairs"] = [(key, f"{_note_category(n)}: {n}") for n in wav.notes]
@@ -725,7 +748,8 @@ class ValShardDataset(_ShardDataset):
 
 def collate_samples(samples: Sequence[dict]) -> dict:
     """Stack tensors (leading ``B``), keep strings as lists, concatenate the ``bad_samples`` / ``repairs`` record
-    lists."""
+    lists. ``audio_context`` (clips of different lengths) is zero-padded at the end to the longest; each sample's own
+    length is ``audio_context_length``."""
     if not samples:
         raise ValueError("collate_samples: empty batch")
     keys = list(samples[0])
@@ -738,6 +762,8 @@ def collate_samples(samples: Sequence[dict]) -> dict:
         vals = [s[k] for s in samples]
         if k in ("bad_samples", "repairs"):
             out[k] = [tuple(r) for v in vals for r in v]
+        elif k == "audio_context":
+            out[k] = torch.nn.utils.rnn.pad_sequence(vals, batch_first=True)
         elif torch.is_tensor(vals[0]):
             try:
                 out[k] = torch.stack(vals)

@@ -81,6 +81,33 @@ def audio_window(audio: np.ndarray, start_frame: int, fps_src: float, num_frames
     return seg
 
 
+def audio_context(audio: np.ndarray, start_frame: int, fps_src: float, window_samples: int,
+                  context: str | tuple[float, float], sample_rate: int = AUDIO_SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """The audio the encoder hears around a window, and the window's offset in it (EchoMimicV2 parity issue §1).
+
+    The release encodes a clip's whole audio and slices each frame's feature window from it, so a frame hears
+    the speech before and after it whatever the training window's length. ``context``:
+
+    - ``"clip"``: the clip's whole audio (zero-padded to the window's end when the wav is up to a frame short);
+    - ``(before_s, after_s)``: that many seconds before the window's first and after its last sample, zeros where
+      they fall outside the clip (constant length for a given window).
+
+    Returns ``(samples (S_ctx,) float32, offset)``: the window ``audio_window(...)`` is ``samples[offset:offset + n]``.
+    """
+    a0 = int(_round(start_frame / fps_src * sample_rate))
+    if context == "clip":
+        lo, hi = 0, max(int(audio.shape[0]), a0 + window_samples)
+    else:
+        before, after = context
+        lo = a0 - int(_round(before * sample_rate))
+        hi = a0 + window_samples + int(_round(after * sample_rate))
+    out = np.zeros(hi - lo, dtype=np.float32)
+    s0, s1 = max(lo, 0), min(hi, int(audio.shape[0]))
+    if s1 > s0:
+        out[s0 - lo : s1 - lo] = audio[s0:s1]
+    return out, a0 - lo
+
+
 def reference_index(total_frames: int, indices: np.ndarray, rng: np.random.Generator | None) -> int:
     """A source frame outside the window ``[indices[0], indices[-1]]`` for the reference image.
 

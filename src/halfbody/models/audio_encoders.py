@@ -51,15 +51,17 @@ SAMPLES_PER_STEP = SAMPLE_RATE // FEATURE_RATE  # 320
 
 
 def frame_window_indices(num_frames: int, fps: float, window: int, num_steps: int,
-                         feature_rate: float = FEATURE_RATE, device: torch.device | str | None = None) -> torch.Tensor:
+                         feature_rate: float = FEATURE_RATE, device: torch.device | str | None = None,
+                         start_step: float = 0.0) -> torch.Tensor:
     """Indices ``(F, 2w + 1)`` into a ``num_steps``-long feature sequence at ``feature_rate`` Hz.
 
-    Row ``i`` is ``c_i - w, ..., c_i + w`` with ``c_i = floor(i / fps * feature_rate + 0.5)``, clamped to the sequence.
+    Row ``i`` is ``c_i - w, ..., c_i + w`` with ``c_i = floor(start_step + i / fps * feature_rate + 0.5)``, clamped to
+    the sequence; ``start_step`` is where frame 0 lies in the sequence (the window's offset in an audio context).
     """
     if num_frames < 1 or fps <= 0 or window < 0 or num_steps < 1:
         raise ValueError(f"need num_frames >= 1, fps > 0, window >= 0, num_steps >= 1; got {num_frames}, {fps}, "
                          f"{window}, {num_steps}")
-    t = torch.arange(num_frames, dtype=torch.float64) * (feature_rate / fps)
+    t = start_step + torch.arange(num_frames, dtype=torch.float64) * (feature_rate / fps)
     centres = torch.floor(t + 0.5).long()
     idx = centres[:, None] + torch.arange(-window, window + 1)[None, :]
     return idx.clamp_(0, num_steps - 1).to(device)
@@ -123,6 +125,9 @@ class AudioEncoder(nn.Module, metaclass=abc.ABCMeta):
     num_layers: int
     hidden_size: int
     identity: str
+    # True when zeros appended to the audio leave the features of the samples before them unchanged (a batch of
+    # zero-padded contexts can then be encoded at once)
+    padding_invariant: bool = False
     sample_rate: int = SAMPLE_RATE
     feature_rate: int = FEATURE_RATE
 
@@ -177,20 +182,53 @@ class AudioEncoder(nn.Module, metaclass=abc.ABCMeta):
     def sequence_features(self, audio: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` at 16 kHz -> ``(B, T50, L, d)`` hidden states at 50 Hz, ``T50 = ceil(S / 320)``."""
 
-    def windows(self, seq: torch.Tensor, num_frames: int, fps: float) -> torch.Tensor:
-        """Per-frame windows of a 50 Hz sequence: ``(B, T50, L, d)`` -> ``(B, F, K, D)`` in ``layer_layout``."""
+    def windows(self, seq: torch.Tensor, num_frames: int, fps: float, start_steps: torch.Tensor | None = None,
+                valid_steps: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-frame windows of a 50 Hz sequence: ``(B, T50, L, d)`` -> ``(B, F, K, D)`` in ``layer_layout``.
+
+        ``start_steps`` ``(B,)``: where each sample's frame 0 lies in its sequence (default 0); ``valid_steps``
+        ``(B,)``: each sample's own length (windows are clamped to it; default ``T50``).
+        """
         if seq.ndim != 4:
             raise ValueError(f"seq must be (B, T50, L, d), got shape {tuple(seq.shape)}")
         b, t, l, d = seq.shape
-        idx = frame_window_indices(num_frames, fps, self.window, t, self.feature_rate, device=seq.device)
-        w = seq[:, idx.flatten()].reshape(b, num_frames, idx.shape[1], l, d)  # (B, F, 2w+1, L, d)
+        if start_steps is None and valid_steps is None:
+            idx = frame_window_indices(num_frames, fps, self.window, t, self.feature_rate, device=seq.device)
+            idx = idx.expand(b, -1, -1)
+        else:
+            starts = [0.0] * b if start_steps is None else [float(v) for v in start_steps]
+            valid = [t] * b if valid_steps is None else [min(int(v), t) for v in valid_steps]
+            idx = torch.stack([frame_window_indices(num_frames, fps, self.window, valid[i], self.feature_rate,
+                                                    device=seq.device, start_step=starts[i]) for i in range(b)])
+        k = idx.shape[-1]
+        w = seq[torch.arange(b, device=seq.device)[:, None], idx.reshape(b, -1)]  # (B, F * (2w+1), L, d)
         if self.layer_layout == "concat":
-            return w.reshape(b, num_frames, idx.shape[1], l * d)
-        return w.reshape(b, num_frames, idx.shape[1] * l, d)
+            return w.reshape(b, num_frames, k, l * d)
+        return w.reshape(b, num_frames, k * l, d)
 
-    def forward(self, audio: torch.Tensor, num_frames: int, fps: float) -> torch.Tensor:
-        """``(B, S)`` 16 kHz audio -> ``(B, num_frames, K, D)`` windows of 50 Hz features."""
-        return self.windows(self.sequence_features(audio), num_frames, fps)
+    def context_features(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, S)`` zero-padded audio of per-sample ``lengths`` -> ``(B, T50, L, d)``: each sample's features as if
+        encoded alone (batched when trailing zeros cannot change the features, ``padding_invariant``)."""
+        if lengths is None or self.padding_invariant or bool((lengths == audio.shape[1]).all()):
+            return self.sequence_features(audio)
+        seqs = [self.sequence_features(audio[i : i + 1, : int(n)])[0] for i, n in enumerate(lengths)]
+        return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+
+    def forward(self, audio: torch.Tensor, num_frames: int, fps: float, offsets: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, S)`` 16 kHz audio -> ``(B, num_frames, K, D)`` windows of 50 Hz features.
+
+        With an audio context (EchoMimicV2 parity issue §1), ``audio`` holds more than the frames: ``offsets`` ``(B,)``
+        is each sample's first frame in samples, ``lengths`` ``(B,)`` its unpadded length. The encoder runs on the
+        whole context and each frame's window is sliced from it, so a frame hears the speech around it whatever
+        the training window.
+        """
+        seq = self.context_features(audio, lengths)
+        if offsets is None and lengths is None:
+            return self.windows(seq, num_frames, fps)
+        starts = None if offsets is None else offsets.double().cpu() / SAMPLES_PER_STEP
+        valid = None if lengths is None else [self.num_steps(int(n)) for n in lengths]
+        return self.windows(seq, num_frames, fps, starts, valid)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,6 +281,9 @@ class WhisperAudioEncoder(AudioEncoder):
         dtype: optional dtype to load the model in (features are returned as float32).
         frozen: no grads and eval mode (default).
     """
+
+    # each 30 s window is zero-padded by Whisper itself, so trailing zeros change nothing before them
+    padding_invariant = True
 
     def __init__(self, path: str | os.PathLike | None = None, key: str = "model.audio_encoder.path", window: int = 2,
                  layers: Literal["all", "last"] = "all", layer_layout: Literal["concat", "tokens"] = "concat",

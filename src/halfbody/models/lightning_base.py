@@ -173,11 +173,17 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
 
     @torch.no_grad()
     def audio_features(self, batch: dict[str, Any], num_frames: int | None = None) -> torch.Tensor:
-        """``(B, F, K, D)`` per-frame audio features: the batch's precomputed ones, else the frozen audio encoder."""
+        """``(B, F, K, D)`` per-frame audio features: the batch's precomputed ones, else the frozen audio encoder run on
+        the batch's audio context (``data.audio_context``) when it has one, on the window's audio otherwise."""
         feats = batch.get("audio_feats")
         if feats is None:
             num_frames = num_frames or batch["video"].shape[1]
-            feats = self.audio_encoder(batch["audio"], num_frames=num_frames, fps=self.batch_fps(batch))
+            if "audio_context" in batch:
+                feats = self.audio_encoder(batch["audio_context"], num_frames=num_frames, fps=self.batch_fps(batch),
+                                           offsets=batch["audio_context_offset"],
+                                           lengths=batch["audio_context_length"])
+            else:
+                feats = self.audio_encoder(batch["audio"], num_frames=num_frames, fps=self.batch_fps(batch))
         return feats.to(batch["video"].dtype)
 
     def condition_keep_masks(self, batch_size: int, generator: torch.Generator | None = None
