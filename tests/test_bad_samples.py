@@ -321,3 +321,38 @@ def test_every_model_family_brings_the_monitor_whatever_the_callbacks_config():
         configured = BadSampleMonitor(every_n_steps=3)
         kept = family.configure_callbacks(SimpleNamespace(_trainer=SimpleNamespace(callbacks=[configured])))
         assert kept == [configured]
+
+
+def _rank_summary(rank: int, shards: list[str], init_file: str, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        dm = HalfBodyDataModule(shards, num_frames=4, resolution=32, num_workers=0)
+        dm.bad_ledger.log_records = False
+        dm.bad_ledger.add_good(10 + rank)
+        dm.bad_ledger.record("shared_key", "bad json: not JSON")  # the same sample skipped on both ranks
+        dm.bad_ledger.record(f"only_rank{rank}", "undecodable mp4: junk")
+        dm.bad_ledger.record_repair(f"stereo{rank}", "stereo cancels: channel 0 used")
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump({"all": dm.bad_sample_summary(all_ranks=True), "own": dm.bad_sample_summary()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_counters_are_summed_over_ranks_of_a_distributed_run(mixed, tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_summary, args=(mixed[0], str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["own"]["bad"] == 2 and got["own"]["good"] == 10 + rank
+        summed = got["all"]
+        assert summed["good"] == 21 and summed["bad"] == 4 and summed["bad_unique"] == 3
+        assert summed["by_reason"] == {"bad json": 2, "undecodable mp4": 2}
+        assert summed["by_reason_unique"] == {"bad json": 1, "undecodable mp4": 2}
+        assert summed["repaired"] == 2 and summed["repaired_unique"] == 2

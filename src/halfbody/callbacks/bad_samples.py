@@ -11,6 +11,8 @@ validation and at the end of training, so the last value logged equals the lines
 - ``data/repaired_samples``, ``data/repaired/<reason>``: samples that trained after a repair;
 - ``data/good_samples``: reads that became training or validation samples.
 
+In a distributed run the counts are summed over the ranks (every rank reaches the same logging points).
+
 Every family gets it from the shared ``AnimationModule.configure_callbacks``, whatever the callbacks config says.
 See docs/BAD_DATA.md for the cases and their reasons.
 """
@@ -57,7 +59,7 @@ class BadSampleMonitor(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "bad_sample_summary"):
             return None
-        metrics = bad_sample_metrics(dm.bad_sample_summary())
+        metrics = bad_sample_metrics(dm.bad_sample_summary(all_ranks=True))  # every rank calls this at the same step
         state = (trainer.global_step, metrics)
         if not force and self._last_logged == state:
             return metrics

@@ -366,8 +366,13 @@ class HalfBodyDataModule(L.LightningDataModule):
             if ds is not None:
                 ds.builder.clip = clip
 
-    def bad_sample_summary(self) -> dict:
-        """``{"good", "bad", "by_reason"}`` over all batches this process has received."""
+    def bad_sample_summary(self, all_ranks: bool = False) -> dict:
+        """``BadSampleLedger.summary()`` over all batches this process has received; ``all_ranks``: summed over the
+        ranks of a distributed run (a collective: every rank must call it at the same point)."""
+        if all_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list = [None] * dist.get_world_size()
+            dist.all_gather_object(states, self.bad_ledger.state())
+            return BadSampleLedger.from_states(states).summary()
         return self.bad_ledger.summary()
 
     def _dist(self) -> tuple[int, int]:

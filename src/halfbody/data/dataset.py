@@ -133,6 +133,27 @@ class BadSampleLedger:
                 f"e.g. key {key!r}: {reason}"
             )
 
+    def state(self) -> dict:
+        """The counts and key sets as plain picklable values (to merge the ledgers of several ranks)."""
+        return {"good": self.good, "bad": dict(self.bad), "repaired": dict(self.repaired),
+                "bad_keys": {c: sorted(k) for c, k in self.bad_keys.items()},
+                "repaired_keys": {c: sorted(k) for c, k in self.repaired_keys.items()}}
+
+    @classmethod
+    def from_states(cls, states: Sequence[dict]) -> "BadSampleLedger":
+        """One ledger holding the sum of several ``state()``s (reads add up; a key skipped on two ranks is one
+        unique key)."""
+        merged = cls(max_bad_fraction=1.0, log_records=False)
+        for st in states:
+            merged.good += int(st["good"])
+            merged.bad.update(st["bad"])
+            merged.repaired.update(st["repaired"])
+            for c, keys in st["bad_keys"].items():
+                merged.bad_keys.setdefault(c, set()).update(keys)
+            for c, keys in st["repaired_keys"].items():
+                merged.repaired_keys.setdefault(c, set()).update(keys)
+        return merged
+
     def summary(self) -> dict:
         """``good``/``bad``/``repaired`` per read, ``bad_unique``/``repaired_unique`` per distinct key, and the
         same by reason category."""
