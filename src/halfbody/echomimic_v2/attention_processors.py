@@ -8,10 +8,9 @@ The SD1.5 UNet stays as diffusers builds it; what EchoMimicV2 changes about atte
   tokens plus the bank's reference tokens of the same block; per-sample reference dropout masks the reference tokens
   out of the softmax (an attention mask, not zeros, so a dropped sample is exactly "no reference").
 - :class:`AudioCrossAttnProcessor` (denoiser ``attn2``): the text cross-attention repurposed for audio (§3.1), with
-  the Lips/Head Partial Attention of §3.2.2 / §3.3 as a spatial mask on its output, "off" (muted, §3.2.1 Initial
+  the release's output gain (3.0), the Lips/Head Partial Attention of §3.2.2 / §3.3 as a spatial mask on its output, "off" (muted, §3.2.1 Initial
   Pose Phase) and per-sample audio dropout.
-- :class:`PlainAttnProcessor`: ordinary SDPA attention that accepts (and ignores) the per-forward context, for the
-  ReferenceNet's null-context cross-attention.
+- :class:`PlainAttnProcessor`: ordinary SDPA attention that accepts (and ignores) the per-forward context.
 
 Per-forward state travels in one :class:`AttentionContext`, passed as ``cross_attention_kwargs={"attn_context":
 ctx}`` through the UNet; processors keep no state between forwards (friendly to FSDP2 and activation checkpointing).
@@ -184,7 +183,14 @@ class AudioCrossAttnProcessor:
     - ``"global"``: no spatial mask (§3.2.2 Audio-Body Correlation).
 
     ``attn_context.audio_keep`` (``(B,)``) then zeroes the contribution of dropped samples (condition dropout).
+
+    Args:
+        gain: factor on the attention output before the block's residual add. The release multiplies by 3.0
+            (``audio_feature_ratio`` in its ``mutual_self_attention.py``); 1.0 is plain cross-attention.
     """
+
+    def __init__(self, gain: float = 1.0):
+        self.gain = float(gain)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -197,6 +203,8 @@ class AudioCrossAttnProcessor:
         if encoder_hidden_states is None:
             raise ValueError("audio cross-attention needs audio context tokens (encoder_hidden_states)")
         out = plain_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if self.gain != 1.0:
+            out = out * self.gain
         bf, n, _ = hidden_states.shape
         if mode == "masked":
             region = None if attn_context.audio_region is None else attn_context.audio_region.get(n)

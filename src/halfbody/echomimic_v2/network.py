@@ -1,13 +1,21 @@
 """EchoMimicV2Network: the boxes of EchoMimicV2 Figure 2 wired together (paper §3.1–3.4).
 
-    ref latent ──► ReferenceNet ──(bank of attn1 inputs)──────────────┐
+    ref latent ──► ReferenceNet (write mode) ──(bank of attn1 inputs)─┐
     pose maps ───► PoseEncoder ──(added after conv_in)──┐             │
     noisy latents ──────────────────────────────────────► DenoisingUNet ──► prediction
-    audio feats ─► AudioProjection ──(attn2 context, optional region mask)┘   (+ temporal modules)
+    audio feats ──(attn2 keys/values, x3.0, optional region mask)───────┘   (+ 21 motion modules)
 
-Two presets: :meth:`EchoMimicV2Network.tiny` (random weights, CPU-fast) and
-:meth:`EchoMimicV2Network.from_pretrained_parts` (SD1.5 / sd-image-variations UNet from a local directory).
-:meth:`save_pretrained` / :meth:`from_pretrained` store the whole network as ``config.json`` + ``model.safetensors``.
+The layout is the released one (antgroup/echomimic_v2): audio features enter every block's ``attn2`` directly
+(``audio_attention="direct"``, 384-dim keys/values for whisper-tiny, output gain 3.0), motion modules after every
+block layer, a ReferenceNet without cross-attention. ``audio_attention="projection"`` (an ablation) puts the
+project's earlier MLP (:class:`AudioProjection`) in front of an ``attn2`` of the UNet's own ``cross_attention_dim``.
+The state dict keys are the release's (``reference_net.unet.<reference_unet.pth key>``,
+``denoising_unet.unet.<denoising_unet.pth / motion_module.pth key>``, ``pose_encoder.<pose_encoder.pth key>``);
+:mod:`halfbody.echomimic_v2.official` imports and exports the release's files.
+
+Presets: :meth:`EchoMimicV2Network.tiny` (random weights, CPU-fast) and :meth:`EchoMimicV2Network.from_pretrained_parts`
+(SD1.5 / sd-image-variations UNet from a local directory). :meth:`save_pretrained` / :meth:`from_pretrained` store
+the whole network as ``config.json`` + ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from halfbody.utils.io import atomic_output
-from halfbody.models.pretrained import load_pretrained, require_pretrained_dir
+from halfbody.models.pretrained import PretrainedNotFoundError, load_pretrained, require_pretrained_dir
 
 from .attention_processors import AUDIO_MODES, AttentionContext, region_tokens_by_length, token_grids
 from .audio_projection import AudioProjection
@@ -37,9 +45,32 @@ from halfbody.utils.containers import to_plain
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TEMPORAL_WEIGHTS_NAME = "temporal.safetensors"
-UNET_LAYOUT = ("a diffusers UNet2DConditionModel directory (config.json + diffusion_pytorch_model.safetensors), "
-               "e.g. the unet/ folder of SD1.5 or sd-image-variations")
+UNET_LAYOUT = ("a diffusers UNet2DConditionModel directory (config.json + diffusion_pytorch_model.safetensors or "
+               ".bin), e.g. the unet/ folder of SD1.5 or sd-image-variations")
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 GROUP_NAMES = ("reference_net", "denoising_unet", "pose_encoder", "audio_attention", "temporal")
+AUDIO_ATTENTION = ("direct", "projection")
+
+# The UNet of sd-image-variations-diffusers (= SD1.5's layout with 768-dim image-embedding cross-attention), from
+# which the release builds both UNets; for shape-only builds (meta device) without the directory.
+SD15_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+# The release's motion modules (configs/inference/inference_v2.yaml, motion_module_kwargs) and audio gain
+# (audio_feature_ratio in src/models/mutual_self_attention.py).
+RELEASE_TEMPORAL = dict(temporal_num_attention_heads=8, temporal_num_layers=1, temporal_num_attentions=2,
+                        temporal_max_frames=32, temporal_norm_num_groups=32)
+RELEASE_AUDIO_GAIN = 3.0
+
+
+def unet_weights_present(directory: str | os.PathLike) -> bool:
+    """A diffusers UNet snapshot in ``directory``: ``config.json`` plus ``.safetensors`` or ``.bin`` weights."""
+    d = Path(directory)
+    return (d / "config.json").exists() and any((d / w).exists() for w in UNET_WEIGHTS)
 
 
 def tiny_unet_config(latent_channels: int = 48, cross_attention_dim: int = 64) -> dict[str, Any]:
@@ -63,6 +94,23 @@ def _unet_config_dict(config: Any) -> dict[str, Any]:
     return {k: v for k, v in to_plain(config).items() if not k.startswith("_")}
 
 
+def _load_unet_dir(path: str | os.PathLike | None, key: str) -> UNet2DConditionModel:
+    """A diffusers UNet snapshot (``.safetensors`` or ``.bin`` weights) from the directory of config key ``key``."""
+    d = require_pretrained_dir(path, key, UNET_LAYOUT, ("config.json",))
+    if not any((d / w).exists() for w in UNET_WEIGHTS):
+        raise PretrainedNotFoundError(f"config key {key!r} points to {str(d)!r}, which lacks weights (one of "
+                                      f"{list(UNET_WEIGHTS)}): expected {UNET_LAYOUT}")
+    use_safetensors = (d / UNET_WEIGHTS[0]).exists()
+    return load_pretrained(UNet2DConditionModel, d, key, UNET_LAYOUT, use_safetensors=use_safetensors)
+
+
+def denoiser_unet_config(unet_config: Any, audio_dim: int, audio_attention: str = "direct") -> dict[str, Any]:
+    """The denoiser's UNet config: the base one, with ``attn2`` taking the audio features directly (the release's
+    ``unet_additional_kwargs.cross_attention_dim: 384``) when ``audio_attention="direct"``."""
+    cfg = _unet_config_dict(unet_config)
+    return {**cfg, "cross_attention_dim": audio_dim} if audio_attention == "direct" else cfg
+
+
 def _as_keep(keep: torch.Tensor | None, b: int, name: str, device: torch.device) -> torch.Tensor | None:
     if keep is None:
         return None
@@ -76,55 +124,71 @@ class EchoMimicV2Network(nn.Module):
     """ReferenceNet + Denoising UNet (reference/audio attention, temporal modules) + Pose Encoder + Audio Projection.
 
     Args:
-        unet_config: ``UNet2DConditionModel`` config shared by the ReferenceNet and the denoiser (SD1.5-shaped).
+        unet_config: ``UNet2DConditionModel`` config of the base UNet (SD1.5-shaped); the ReferenceNet is built
+            from it as is, the denoiser with ``cross_attention_dim = audio_dim`` when ``audio_attention="direct"``.
         audio_dim: ``D`` of the audio features.
         audio_tokens: ``K``, audio tokens per video frame.
         latent_factor: spatial factor of the autoencoder (pose map pixels per latent pixel): 8 for SD's VAE.
-        audio_context_tokens: ``K'`` context tokens per frame (``None``: ``K``).
+        audio_attention: ``"direct"`` (released: the ``K`` audio tokens are ``attn2``'s keys/values) or
+            ``"projection"`` (ablation: an :class:`AudioProjection` MLP maps them to the UNet's width first).
+        audio_gain: factor on every ``attn2`` output (released: 3.0).
+        audio_context_tokens: ``K'`` context tokens per frame of the projection (``None``: ``K``).
         audio_hidden_dim: width of the audio projection MLP (``None``: ``cross_attention_dim``).
         pose_channels: channels of the pose map.
         pose_block_out_channels: pose encoder widths, ``log2(latent_factor) + 1`` of them (``None``: default).
-        temporal: insert temporal modules into the denoiser.
-        temporal_num_attention_heads, temporal_num_layers, temporal_num_attentions: temporal module shape.
-        reference_null_tokens: tokens of the ReferenceNet's learned null cross-attention context.
+        temporal: insert motion modules into the denoiser.
+        temporal_num_attention_heads, temporal_num_layers, temporal_num_attentions, temporal_max_frames,
+            temporal_norm_num_groups: motion module shape (released: 8, 1, 2, 32, 32).
         unets: prebuilt ``(reference_unet, denoising_unet)`` to use instead of fresh ones from ``unet_config``
             (how :meth:`from_pretrained_parts` passes pretrained weights); not part of the saved config.
     """
 
     def __init__(self, unet_config: dict[str, Any], audio_dim: int, audio_tokens: int, *, latent_factor: int = 8,
+                 audio_attention: str = "direct", audio_gain: float = RELEASE_AUDIO_GAIN,
                  audio_context_tokens: int | None = None, audio_hidden_dim: int | None = None, pose_channels: int = 3,
                  pose_block_out_channels: list[int] | tuple[int, ...] | None = None, temporal: bool = True,
                  temporal_num_attention_heads: int = 8, temporal_num_layers: int = 1, temporal_num_attentions: int = 2,
-                 reference_null_tokens: int = 1,
+                 temporal_max_frames: int = 32, temporal_norm_num_groups: int = 32,
                  unets: tuple[UNet2DConditionModel, UNet2DConditionModel] | None = None):
         super().__init__()
+        if audio_attention not in AUDIO_ATTENTION:
+            raise ValueError(f"audio_attention must be one of {AUDIO_ATTENTION}, got {audio_attention!r}")
         unet_config = _unet_config_dict(unet_config)
         self.config: dict[str, Any] = dict(
             unet_config=unet_config, audio_dim=audio_dim, audio_tokens=audio_tokens, latent_factor=latent_factor,
+            audio_attention=audio_attention, audio_gain=audio_gain,
             audio_context_tokens=audio_context_tokens, audio_hidden_dim=audio_hidden_dim, pose_channels=pose_channels,
             pose_block_out_channels=to_plain(pose_block_out_channels),
             temporal=temporal, temporal_num_attention_heads=temporal_num_attention_heads,
             temporal_num_layers=temporal_num_layers, temporal_num_attentions=temporal_num_attentions,
-            reference_null_tokens=reference_null_tokens)
+            temporal_max_frames=temporal_max_frames, temporal_norm_num_groups=temporal_norm_num_groups)
         if unets is None:
-            unets = (UNet2DConditionModel.from_config(unet_config), UNet2DConditionModel.from_config(unet_config))
+            unets = (UNet2DConditionModel.from_config(unet_config),
+                     UNet2DConditionModel.from_config(denoiser_unet_config(unet_config, audio_dim, audio_attention)))
         ref_unet, den_unet = unets
         if ref_unet is den_unet:
             raise ValueError("the ReferenceNet and the denoiser need two UNet instances (copy the pretrained one)")
         self.latent_channels: int = den_unet.config.in_channels
         self.latent_factor = latent_factor
+        self.audio_attention = audio_attention
         cross_dim = den_unet.config.cross_attention_dim
+        if audio_attention == "direct" and cross_dim != audio_dim:
+            raise ValueError(f"audio_attention='direct': the denoiser's attn2 takes {cross_dim}-dim keys/values but the "
+                             f"audio features are {audio_dim}-dim (build it with denoiser_unet_config)")
 
-        self.reference_net = ReferenceNet(ref_unet, null_context_tokens=reference_null_tokens)
+        self.reference_net = ReferenceNet(ref_unet)
         self.denoising_unet = DenoisingUNet(
             den_unet, temporal=temporal, temporal_num_attention_heads=temporal_num_attention_heads,
-            temporal_num_layers=temporal_num_layers, temporal_num_attentions=temporal_num_attentions)
+            temporal_num_layers=temporal_num_layers, temporal_num_attentions=temporal_num_attentions,
+            temporal_max_frames=temporal_max_frames, temporal_norm_num_groups=temporal_norm_num_groups,
+            audio_gain=audio_gain)
         if self.reference_net.bank_keys != self.denoising_unet.block_keys:
             raise ValueError("ReferenceNet and denoising UNet have different transformer layouts; use the same UNet config")
         self.pose_encoder = PoseEncoder(den_unet.config.block_out_channels[0], latent_factor=latent_factor,
                                         pose_channels=pose_channels, block_out_channels=pose_block_out_channels)
-        self.audio_projection = AudioProjection(audio_dim, audio_tokens, cross_dim, context_tokens=audio_context_tokens,
-                                                hidden_dim=audio_hidden_dim)
+        self.audio_projection = (AudioProjection(audio_dim, audio_tokens, cross_dim, context_tokens=audio_context_tokens,
+                                                 hidden_dim=audio_hidden_dim)
+                                 if audio_attention == "projection" else None)
 
     # ------------------------------------------------------------------ presets
 
@@ -135,7 +199,9 @@ class EchoMimicV2Network(nn.Module):
         stages = int(round(math.log2(latent_factor)))
         kwargs.setdefault("pose_block_out_channels", [min(8 * 2 ** i, 64) for i in range(stages + 1)])
         kwargs.setdefault("temporal_num_attention_heads", 4)
-        kwargs.setdefault("audio_hidden_dim", 64)
+        kwargs.setdefault("temporal_norm_num_groups", 8)
+        if kwargs.get("audio_attention") == "projection":
+            kwargs.setdefault("audio_hidden_dim", 64)
         return cls(tiny_unet_config(latent_channels), audio_dim, audio_tokens, latent_factor=latent_factor, **kwargs)
 
     @classmethod
@@ -158,14 +224,9 @@ class EchoMimicV2Network(nn.Module):
             latent_channels: if given, must match the UNet's ``in_channels`` (4 for SD's VAE).
             **kwargs: further constructor arguments (``latent_factor`` defaults to 8).
         """
-        require_pretrained_dir(unet_dir, f"{key_prefix}.unet_dir", UNET_LAYOUT,
-                               ("config.json", "diffusion_pytorch_model.safetensors"))
-        unet = load_pretrained(UNet2DConditionModel, unet_dir, f"{key_prefix}.unet_dir", UNET_LAYOUT)
+        unet = _load_unet_dir(unet_dir, f"{key_prefix}.unet_dir")
         if reference_unet_dir is not None:
-            require_pretrained_dir(reference_unet_dir, f"{key_prefix}.reference_unet_dir", UNET_LAYOUT,
-                                   ("config.json", "diffusion_pytorch_model.safetensors"))
-            ref_unet = load_pretrained(UNet2DConditionModel, reference_unet_dir, f"{key_prefix}.reference_unet_dir",
-                                       UNET_LAYOUT)
+            ref_unet = _load_unet_dir(reference_unet_dir, f"{key_prefix}.reference_unet_dir")
             for k in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
                       "transformer_layers_per_block", "in_channels", "cross_attention_dim"):
                 if ref_unet.config.get(k) != unet.config.get(k):
@@ -176,8 +237,21 @@ class EchoMimicV2Network(nn.Module):
         if latent_channels is not None and latent_channels != unet.config.in_channels:
             raise ValueError(f"{key_prefix}.unet_dir: UNet in_channels={unet.config.in_channels} does not match "
                              f"latent_channels={latent_channels} of the autoencoder")
+        den_config = denoiser_unet_config(unet.config, audio_dim, kwargs.get("audio_attention", "direct"))
+        if den_config["cross_attention_dim"] != unet.config.cross_attention_dim:
+            # As released (EMOUNet3DConditionModel.from_pretrained_2d): every base weight of matching shape is
+            # loaded; attn2's to_k / to_v (audio-width keys/values) start fresh.
+            den_unet = UNet2DConditionModel.from_config(den_config)
+            base = unet.state_dict()
+            target = den_unet.state_dict()
+            fresh = [k for k in target if k not in base or base[k].shape != target[k].shape]
+            if any(not (".attn2.to_k." in k or ".attn2.to_v." in k) for k in fresh):
+                raise ValueError(f"{key_prefix}.unet_dir: unexpected layout for the audio denoiser: {fresh[:5]}")
+            den_unet.load_state_dict({k: v for k, v in base.items() if k not in fresh}, strict=False)
+            del unet
+            unet = den_unet
         kwargs.setdefault("latent_factor", 8)
-        net = cls(unet.config, audio_dim, audio_tokens, unets=(ref_unet, unet), **kwargs)
+        net = cls(ref_unet.config, audio_dim, audio_tokens, unets=(ref_unet, unet), **kwargs)
         if temporal_dir is not None:
             path = require_pretrained_dir(temporal_dir, f"{key_prefix}.temporal_dir",
                                           f"a directory with {TEMPORAL_WEIGHTS_NAME} (EchoMimicV2Network.save_temporal)",
@@ -238,10 +312,11 @@ class EchoMimicV2Network(nn.Module):
         """Disjoint module groups covering every parameter, for freezing / unfreezing / muting by phase.
 
         ``reference_net``; ``denoising_unet`` (spatial UNet without audio attention and temporal modules);
-        ``pose_encoder``; ``audio_attention`` (``norm2`` + ``attn2`` of every spatial block, and the audio projection);
-        ``temporal``.
+        ``pose_encoder``; ``audio_attention`` (``norm2`` + ``attn2`` of every spatial block, and the audio projection
+        if any); ``temporal`` (the motion modules).
         """
-        audio = [self.audio_projection, *self.denoising_unet.audio_attention_modules()]
+        audio = [*([self.audio_projection] if self.audio_projection is not None else []),
+                 *self.denoising_unet.audio_attention_modules()]
         temporal: list[nn.Module] = list(self.denoising_unet.temporal_modules())
         excluded = {id(m) for m in audio + temporal}
 
@@ -341,7 +416,13 @@ class EchoMimicV2Network(nn.Module):
             if audio_feats is None or audio_feats.shape[:2] != (b, nf):
                 got = None if audio_feats is None else tuple(audio_feats.shape)
                 raise ValueError(f"audio_mode={audio_mode!r} needs audio_feats of shape ({b}, {nf}, K, D), got {got}")
-            context = self.audio_projection(audio_feats.to(dtype))
+            if self.audio_projection is not None:
+                context = self.audio_projection(audio_feats.to(dtype))
+            else:  # as released: the audio tokens are attn2's keys/values
+                d = self.config["audio_dim"]
+                if audio_feats.ndim != 4 or audio_feats.shape[-1] != d:
+                    raise ValueError(f"audio_feats must be ({b}, {nf}, K, {d}), got {tuple(audio_feats.shape)}")
+                context = audio_feats.flatten(0, 1).to(dtype)
             if audio_mode == "masked":
                 if audio_mask is None or audio_mask.shape[:3] != (b, nf, 1):
                     got = None if audio_mask is None else tuple(audio_mask.shape)

@@ -1,9 +1,16 @@
-"""Temporal modules of the EchoMimicV2 denoiser (paper §3.1 "Temporal-Attention blocks", §3.4).
+"""Temporal (motion) modules of the EchoMimicV2 denoiser (paper §3.1 "Temporal-Attention blocks", §3.4).
 
-AnimateDiff-style motion modules: at every spatial position, the ``F`` frames of a sample attend to each other.
-Each spatial transformer of the denoising UNet is wrapped by :class:`SpatialTemporalTransformer`, which runs the
-original ``Transformer2DModel`` and then a :class:`TemporalTransformer`. The output projection starts at zero, so a
-fresh temporal module is the identity and a pretrained image UNet keeps its behaviour.
+The released network (``configs/inference/inference_v2.yaml``: ``motion_module_type: Vanilla``, 8 heads, one
+transformer block of two ``Temporal_Self`` attentions, sinusoidal frame positions up to 32 frames, mid block
+included) has an AnimateDiff-style motion module after **every** layer of every UNet block: after each spatial
+transformer in blocks with attention, after each resnet in blocks without (``DownBlock2D`` / ``UpBlock2D``), and
+after the mid block's transformer: 21 modules in the SD1.5 layout. At every spatial position the ``F`` frames of a
+sample attend to each other.
+
+Parameter names follow the release (``<block>.motion_modules.<i>.temporal_transformer.…``, attention blocks
+``attention_blocks.<j>`` with the frame-position buffer ``pos_encoder.pe``), so its ``motion_module.pth`` loads
+key for key. The output projection starts at zero: a fresh module is the identity and an image UNet keeps its
+behaviour.
 """
 
 from __future__ import annotations
@@ -27,57 +34,81 @@ def sinusoidal_frame_embedding(num_frames: int, dim: int, device=None, dtype=Non
     return pe if dtype is None else pe.to(dtype)
 
 
-class TemporalTransformerBlock(nn.Module):
-    """Temporal self-attention(s) + feed-forward on frame sequences ``(N, F, C)`` (pre-norm, residual).
+class FramePositionEncoding(nn.Module):
+    """The release's frame positions: a persistent ``pe`` buffer ``(1, max_frames, dim)`` (it is in the state dict
+    and in ``motion_module.pth``), added to the first ``F`` frames."""
 
-    Like AnimateDiff, the frame position encoding is added to the normalised input of every attention.
-    """
+    def __init__(self, dim: int, max_frames: int = 32):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_frame_embedding(max_frames, dim)[None], persistent=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(N, F, dim)``."""
+        f = x.shape[1]
+        if f > self.pe.shape[1]:
+            raise ValueError(f"temporal module: {f} frames, but the frame position encoding covers "
+                             f"{self.pe.shape[1]} (temporal_max_frames); sample longer videos in context windows")
+        return x + self.pe[:, :f].to(x.dtype)
+
+
+class TemporalSelfAttention(Attention):
+    """Self-attention across frames with the frame positions added to its (normalised) input, as released."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, max_frames: int = 32):
+        super().__init__(query_dim=dim, heads=heads, dim_head=dim_head, bias=False)
+        self.pos_encoder = FramePositionEncoding(dim, max_frames)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # (N, F, C)
+        return super().forward(self.pos_encoder(hidden_states))
+
+
+class TemporalTransformerBlock(nn.Module):
+    """Temporal self-attention(s) + feed-forward on frame sequences ``(N, F, C)`` (pre-norm, residual)."""
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, num_attentions: int = 2,
-                 activation_fn: str = "geglu"):
+                 max_frames: int = 32, activation_fn: str = "geglu"):
         super().__init__()
-        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(num_attentions)])
-        self.attentions = nn.ModuleList([
-            Attention(query_dim=dim, heads=num_attention_heads, dim_head=attention_head_dim, bias=False)
+        self.attention_blocks = nn.ModuleList([
+            TemporalSelfAttention(dim, num_attention_heads, attention_head_dim, max_frames)
             for _ in range(num_attentions)
         ])
-        self.ff_norm = nn.LayerNorm(dim)
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(num_attentions)])
         self.ff = FeedForward(dim, activation_fn=activation_fn)
+        self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, hidden_states: torch.Tensor, frame_pe: torch.Tensor) -> torch.Tensor:
-        """``hidden_states``: ``(N, F, C)``; ``frame_pe``: ``(F, C)``. Returns ``(N, F, C)``."""
-        for norm, attn in zip(self.norms, self.attentions):
-            hidden_states = attn(norm(hidden_states) + frame_pe) + hidden_states
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for attn, norm in zip(self.attention_blocks, self.norms):
+            hidden_states = attn(norm(hidden_states)) + hidden_states
         return self.ff(self.ff_norm(hidden_states)) + hidden_states
 
 
 class TemporalTransformer(nn.Module):
-    """Attention across frames at each spatial position (AnimateDiff motion module).
+    """Attention across frames at each spatial position: ``(B * F, C, h, w)`` -> same shape (residual).
 
     Args:
-        in_channels: channels ``C`` of the wrapped spatial block's output.
-        num_attention_heads: heads of the temporal attentions.
-        attention_head_dim: channels per head; ``None``: ``C // num_attention_heads``.
-        num_layers: temporal transformer blocks.
-        num_attentions: temporal self-attentions per block (AnimateDiff uses two).
-        norm_num_groups: groups of the input GroupNorm.
+        in_channels: channels ``C`` of the host layer's output.
+        num_attention_heads: heads of the temporal attentions (released: 8).
+        num_layers: temporal transformer blocks (released: 1).
+        num_attentions: temporal self-attentions per block (released: 2).
+        max_frames: length of the frame-position table (released: 32).
+        norm_num_groups: groups of the input GroupNorm (released: 32).
     """
 
-    def __init__(self, in_channels: int, num_attention_heads: int = 8, attention_head_dim: int | None = None,
-                 num_layers: int = 1, num_attentions: int = 2, norm_num_groups: int = 32):
+    def __init__(self, in_channels: int, num_attention_heads: int = 8, num_layers: int = 1, num_attentions: int = 2,
+                 max_frames: int = 32, norm_num_groups: int = 32):
         super().__init__()
-        if attention_head_dim is None:
-            if in_channels % num_attention_heads:
-                raise ValueError(f"temporal module: {in_channels} channels do not split into {num_attention_heads} heads")
-            attention_head_dim = in_channels // num_attention_heads
-        inner = num_attention_heads * attention_head_dim
+        if in_channels % num_attention_heads:
+            raise ValueError(f"temporal module: {in_channels} channels do not split into {num_attention_heads} heads")
+        if in_channels % norm_num_groups:
+            raise ValueError(f"temporal module: {in_channels} channels do not split into {norm_num_groups} groups")
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
-        self.proj_in = nn.Linear(in_channels, inner)
+        self.proj_in = nn.Linear(in_channels, in_channels)
         self.transformer_blocks = nn.ModuleList([
-            TemporalTransformerBlock(inner, num_attention_heads, attention_head_dim, num_attentions)
+            TemporalTransformerBlock(in_channels, num_attention_heads, in_channels // num_attention_heads,
+                                     num_attentions, max_frames)
             for _ in range(num_layers)
         ])
-        self.proj_out = nn.Linear(inner, in_channels)
+        self.proj_out = nn.Linear(in_channels, in_channels)
         # Zero-initialised output projection: a fresh module is the identity (§3.4, AnimateDiff).
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -86,7 +117,6 @@ class TemporalTransformer(nn.Module):
         self._gradient_checkpointing_func = None
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """``hidden_states``: ``(B * F, C, h, w)``, frame-major per sample. Returns the same shape."""
         bf, c, h, w = hidden_states.shape
         if bf % num_frames:
             raise ValueError(f"temporal module: batch {bf} is not a multiple of num_frames={num_frames}")
@@ -96,42 +126,51 @@ class TemporalTransformer(nn.Module):
         # (B*F, C, h, w) -> (B*h*w, F, C)
         x = x.view(b, num_frames, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, num_frames, c)
         x = self.proj_in(x)
-        pe = sinusoidal_frame_embedding(num_frames, x.shape[-1], device=x.device, dtype=x.dtype)
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing and self._gradient_checkpointing_func is not None:
-                x = self._gradient_checkpointing_func(block, x, pe)
+                x = self._gradient_checkpointing_func(block, x)
             else:
-                x = block(x, pe)
+                x = block(x)
         x = self.proj_out(x)
         x = x.view(b, h * w, num_frames, c).permute(0, 2, 3, 1).reshape(bf, c, h, w)
         return x + residual
 
 
-class SpatialTemporalTransformer(nn.Module):
-    """A UNet ``Transformer2DModel`` followed by a :class:`TemporalTransformer` (drop-in for the spatial block).
+class FrameCount:
+    """Per-forward frame count shared by the denoiser and its motion modules (set at the start of each forward).
 
-    Called exactly like ``Transformer2DModel``; ``num_frames`` comes from
-    ``cross_attention_kwargs["attn_context"].num_frames``. With ``temporal=None`` (an image model) it only runs the
-    spatial block; the wrapper stays so that parameter names (``...attentions.i.spatial.*``) do not depend on
-    whether temporal modules exist, and image-stage checkpoints load into video networks.
+    Kept after the forward on purpose: activation checkpointing recomputes the motion modules during backward.
     """
 
-    def __init__(self, spatial: nn.Module, temporal: TemporalTransformer | None = None):
-        super().__init__()
-        self.spatial = spatial
-        self.temporal = temporal
+    def __init__(self) -> None:
+        self.num_frames = 1
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        out = self.spatial(hidden_states, *args, **kwargs)
-        if self.temporal is None:
-            return out
-        sample = out[0] if isinstance(out, tuple) else out.sample
-        cak = kwargs.get("cross_attention_kwargs") or {}
-        ctx = cak.get("attn_context")
-        if ctx is None:
-            raise ValueError("temporal module needs cross_attention_kwargs['attn_context'] with num_frames")
-        sample = self.temporal(sample, ctx.num_frames)
-        if isinstance(out, tuple):
-            return (sample,) + tuple(out[1:])
-        out.sample = sample
-        return out
+
+class MotionModule(nn.Module):
+    """The release's ``VanillaTemporalModule``: a :class:`TemporalTransformer` under ``temporal_transformer``.
+
+    It runs as a forward hook of its host layer (a spatial transformer or a resnet of the UNet block holding it in
+    ``motion_modules``), so the UNet's own parameter names stay those of diffusers and of the release.
+    """
+
+    def __init__(self, in_channels: int, frames: FrameCount, **kwargs: Any):
+        super().__init__()
+        self.temporal_transformer = TemporalTransformer(in_channels, **kwargs)
+        self._frames = frames  # plain attribute: shared, not a submodule
+
+    @property
+    def proj_out(self) -> nn.Linear:
+        return self.temporal_transformer.proj_out
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        return self.temporal_transformer(hidden_states, self._frames.num_frames if num_frames is None else num_frames)
+
+    def after_host(self, host: nn.Module, args: Any, output: Any) -> Any:
+        """Forward hook of the host layer: run the motion module on the host's output (tensor or ``(tensor, ...)``
+        / ``Transformer2DModelOutput``)."""
+        if torch.is_tensor(output):
+            return self(output)
+        if isinstance(output, tuple):
+            return (self(output[0]),) + tuple(output[1:])
+        output.sample = self(output.sample)
+        return output
