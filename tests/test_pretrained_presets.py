@@ -43,12 +43,17 @@ def pretrained_dir(tmp_path_factory):
                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                   block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4,
                   scaling_factor=0.18215).save_pretrained(root / "sd-vae-ft-mse")
-    WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                               decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, num_mel_bins=16,
-                               max_source_positions=50, max_target_positions=8, vocab_size=16, pad_token_id=0,
-                               bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-                 ).save_pretrained(root / "whisper-tiny")
+    whisper = WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128,
+                                         decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=128,
+                                         num_mel_bins=16, max_source_positions=50, max_target_positions=8,
+                                         vocab_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                         decoder_start_token_id=1))
+    whisper.save_pretrained(root / "whisper-tiny")
     WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(root / "whisper-tiny")
+    # the release's audio_processor/tiny.pt: OpenAI's format (MLPs 4 x d_model)
+    from halfbody.models.whisper_openai import save_openai_checkpoint
+
+    save_openai_checkpoint(whisper, root / "EchoMimicV2" / "audio_processor" / "tiny.pt")
     # the PhD loss's extractors: an AlexNet backbone for LPIPS and an exported keypoint-heatmap model
     import torchvision
 
@@ -68,9 +73,11 @@ def test_paper_preset_loads_saved_parts_trains_and_samples(pretrained_dir, tmp_p
                       "+model.network.pose_block_out_channels=[8,16,32]", "+model.network.temporal_num_attention_heads=4"])
     model = hydra.utils.instantiate(cfg)
     assert model.autoencoder.spatial_factor == 4 and model.autoencoder.latent_channels == 4
-    assert model.audio_encoder.feature_dim == 3 * 32  # all Whisper layers (embedding + 2) concatenated
+    # the release's Whisper features: 10 steps x (embedding + 2 blocks) tokens of d_model
+    assert (model.audio_encoder.tokens_per_frame, model.audio_encoder.feature_dim) == (10 * 3, 32)
     unet = model.network.denoising_unet.unet
-    assert unet.config.cross_attention_dim == 64 and unet.config.in_channels == 4
+    # the release's attn2 takes the audio tokens as keys/values (d_model wide); the saved UNet's 64 is replaced
+    assert unet.config.cross_attention_dim == 32 and unet.config.in_channels == 4
 
     shards = generate_shards(tmp_path / "world", num_clips=2, num_frames=16, resolution=64, workers=0, headshot_fraction=0)
     dm = HalfBodyDataModule([str(p) for p in shards], num_frames=4, resolution=32, batch_size=2, num_workers=0,

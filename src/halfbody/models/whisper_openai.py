@@ -249,6 +249,9 @@ def save_openai_checkpoint(model, path: str | os.PathLike, dtype: torch.dtype = 
     """Write a transformers ``WhisperModel`` as an OpenAI checkpoint (``{"dims", "model_state_dict"}``, float16 as
     released), to a temporary name next to ``path`` and renamed when complete."""
     c = model.config
+    if (c.encoder_ffn_dim, c.decoder_ffn_dim) != (4 * c.d_model, 4 * c.d_model):
+        raise UserError(f"OpenAI's Whisper format has MLPs of 4 x d_model = {4 * c.d_model}; this model has "
+                        f"encoder_ffn_dim={c.encoder_ffn_dim}, decoder_ffn_dim={c.decoder_ffn_dim}")
     dims = dict(n_mels=c.num_mel_bins, n_audio_ctx=c.max_source_positions, n_audio_state=c.d_model,
                 n_audio_head=c.encoder_attention_heads, n_audio_layer=c.encoder_layers, n_vocab=c.vocab_size,
                 n_text_ctx=c.max_target_positions, n_text_state=c.d_model, n_text_head=c.decoder_attention_heads,
