@@ -10,9 +10,9 @@ they are removed here.
 
 What can never reach the bank computes nothing, so the ReferenceNet has no unused parameters (DDP with
 ``find_unused_parameters=False`` works): everything of the last transformer block of the last up block after its
-``norm1``, that transformer's ``proj_out``, and ``conv_norm_out`` / ``conv_out``. The release's file still carries
-those weights; they are kept as frozen buffers under their own names (:func:`as_passenger`), so the state dict is
-the release's key for key and an export is lossless.
+``norm1`` and that transformer's ``proj_out``. The release's file still carries those weights; they are kept as
+frozen buffers under their own names (:func:`as_passenger`), so the state dict is the release's key for key and an
+export is lossless. ``conv_norm_out`` / ``conv_out`` are dropped: the release's reference UNet has none.
 """
 
 from __future__ import annotations
@@ -120,9 +120,10 @@ class ReferenceNet(nn.Module):
         last_key = next(k for k in self.bank_keys if modules[k] is last_block)
         last_transformer.transformer_blocks[-1] = _BankWriteOnlyBlock(last_block, last_key)
         last_transformer.proj_out = as_passenger(last_transformer.proj_out)
-        unet.conv_norm_out = as_passenger(unet.conv_norm_out)  # diffusers: applied when not None -> identity
-        unet.conv_act = nn.Identity()
-        unet.conv_out = as_passenger(unet.conv_out)
+        # The release's reference UNet has no output head at all (its unet_2d_condition.py removes it).
+        unet.conv_norm_out = None
+        unet.conv_act = None
+        unet.conv_out = nn.Identity()
         self.unet = unet
 
     def forward(self, ref_latents: torch.Tensor, timestep: int | torch.Tensor = 0) -> dict[str, torch.Tensor]:
