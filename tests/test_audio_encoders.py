@@ -167,3 +167,22 @@ def test_random_config_and_missing_dirs(tmp_path) -> None:
         WhisperAudioEncoder(tmp_path / "missing", key="model.audio_encoder.path")
     with pytest.raises(PretrainedNotFoundError, match="audio.w2v.*Wav2Vec2"):
         Wav2Vec2AudioEncoder(None, key="audio.w2v")
+
+
+def test_asymmetric_window_floor_centring_and_bad_settings(whisper_dir) -> None:
+    enc = WhisperAudioEncoder(whisper_dir, window=[1, 2], centring="floor")
+    assert (enc.window, enc.tokens_per_frame, enc.feature_dim) == ((1, 2), 4, 48)
+    assert "w1_2-floor-concat" in enc.identity and "." not in enc.identity
+    audio = _audio(1, 0.5)
+    with torch.no_grad():
+        seq, out = enc.sequence_features(audio), enc(audio, 12, 30.0)
+    for i in range(12):  # steps floor(i * 50 / 30) - 1 .. + 2, layers concatenated
+        c = int(i * 50 / 30.0)
+        want = torch.stack([seq[0, min(max(j, 0), seq.shape[1] - 1)].flatten() for j in range(c - 1, c + 3)])
+        torch.testing.assert_close(out[0, i], want)
+    assert WhisperAudioEncoder(whisper_dir, window=[2, 2]).identity == WhisperAudioEncoder(whisper_dir).identity
+    for bad, match in ((dict(window=[-1, 2]), "window"), (dict(window=[1, 2, 3]), "window"),
+                       (dict(centring="ceil"), "centring"), (dict(layers="first"), "layers"),
+                       (dict(mel="librosa"), "mel")):
+        with pytest.raises(ValueError, match=match):
+            WhisperAudioEncoder(whisper_dir, **bad)

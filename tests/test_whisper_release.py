@@ -261,6 +261,15 @@ def test_tokens_are_step_major_and_context_offsets_slice_the_same_frames(release
         offsets = torch.tensor([round(start / fps * SR)])
         window = enc(audio, n, fps, offsets=offsets, lengths=torch.tensor([audio.shape[1]]))
     torch.testing.assert_close(window[0], full[0, start:start + n], atol=0, rtol=0)
+    # contexts of different lengths zero-padded in one batch: the release's whole-input log-mel floor is not
+    # padding-invariant, so each sample is encoded at its own length and gets its features alone
+    short = audio[:, : audio.shape[1] // 2]
+    with torch.no_grad():
+        both = enc(torch.cat([audio, F.pad(short, (0, audio.shape[1] - short.shape[1]))]), n, fps,
+                   offsets=offsets.repeat(2), lengths=torch.tensor([audio.shape[1], short.shape[1]]))
+        alone = enc(short, n, fps, offsets=offsets)
+    torch.testing.assert_close(both[1], alone[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(both[0], window[0], atol=1e-6, rtol=1e-6)
     i = 21
     c = int(i * 50 / fps)
     for t in range(50):  # token t = (step c - 4 + t // 5, state t % 5)
@@ -334,3 +343,7 @@ def test_release_config_builds_the_release_variant(release_files):
         assert (enc.window_before, enc.window_after, enc.centring, enc.layers, enc.mel) == (4, 5, "floor", "blocks",
                                                                                            "release")
         assert (enc.tokens_per_frame, enc.feature_dim, enc.layer_layout) == (50, 16, "tokens")
+    tiny = hydra.utils.instantiate(OmegaConf.load(CONFIG_DIR / "model" / "audio_encoder"
+                                                  / "whisper_random_tiny_release.yaml"))
+    assert (tiny.tokens_per_frame, tiny.feature_dim, tiny.mel, tiny.layers, tiny.centring) == (30, 64, "release",
+                                                                                                "blocks", "floor")
