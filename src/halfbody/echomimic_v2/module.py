@@ -2,8 +2,10 @@
 
 Training step: the latent diffusion loss with v-prediction (§3.1 Eq. 1, in its v-parameterised form as the official
 code trains with zero-terminal-SNR DDIM), every condition on, with independent condition dropout for CFG.
-Validation: the loss at fixed timesteps, plus DDIM/CFG samples that the ``SampleVideoWriter`` callback turns into
-mp4s, W&B videos and synthetic-world oracle metrics.
+Validation: the loss at fixed timesteps, plus samples from :class:`EchoMimicV2Pipeline` (the release's sampling:
+context windows, blending, CFG without reference, audio and pose; ``model.sampler``) that the ``SampleVideoWriter``
+callback turns into mp4s, W&B videos and synthetic-world oracle metrics. :meth:`EchoMimicV2Module.generate` needs the
+conditions only (reference, audio, pose) and a frame count, not a ground-truth video.
 
 Phase-facing attributes (set by the curriculum callback through :meth:`apply_phase`, never by phase name):
 ``audio_region``, the per-group ``requires_grad`` of :meth:`module_groups`, ``muted_groups``, the pose dropout
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from halfbody.echomimic_v2.pipeline import EchoMimicV2Pipeline, SamplerSettings
 from halfbody.models.audio_encoders import AudioEncoder
 from halfbody.models.autoencoders import Autoencoder
 from halfbody.losses.phd import PhDLoss
@@ -44,9 +47,12 @@ class EchoMimicV2Module(AnimationModule):
         noise_scheduler: the DDIM v-prediction / zero-terminal-SNR scheduler for training and sampling.
         audio_region: where audio cross-attention acts: off | lips | head | face | global (§3.2.2).
         condition_dropout: per-sample drop probabilities of ``ref``, ``audio`` and ``pose`` (independent), and
-            ``uncond``: reference and audio dropped together, which trains the unconditional branch that
-            classifier-free guidance extrapolates from.
-        num_inference_steps / guidance_scale: validation sampling (§4.1: CFG 2.5 on reference and audio).
+            ``uncond``: reference, audio and pose dropped together, which trains the unconditional branch that
+            classifier-free guidance extrapolates from (the release's CFG drops all three).
+        num_inference_steps / guidance_scale: sampling steps and CFG scale (§4.1: CFG 2.5; the release: 30 steps, or
+            6 steps and CFG 1.0 with the accelerated weights); set by the ``model/sampler`` preset.
+        sampler: :class:`~halfbody.echomimic_v2.pipeline.SamplerSettings` fields (context windows, step function,
+            initial-noise clamp), ``model.sampler``.
         num_sample_batches: validation batches that are also sampled (the rest only give the loss).
         phd_loss: the Phase-specific Denoising Loss (§3.5, Eq. 2-5) added to the latent loss in training, or None.
             A phase's ``losses: {phd: <band schedule> | null}`` reconfigures or switches it off.
@@ -69,12 +75,14 @@ class EchoMimicV2Module(AnimationModule):
         num_sample_batches: int = 1,
         phd_loss: PhDLoss | None = None,
         init_checkpoint: str | None = None,
+        sampler: SamplerSettings | dict[str, Any] | None = None,
     ) -> None:
         super().__init__(autoencoder, audio_encoder, optimizer, lr_scheduler, audio_region, condition_dropout,
                          num_sample_batches)
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "noise_scheduler",
-                                                        "optimizer", "lr_scheduler", "condition_dropout", "phd_loss"])
+                                                        "optimizer", "lr_scheduler", "condition_dropout", "phd_loss",
+                                                        "sampler"])
         if autoencoder.temporal_factor != 1:
             raise ValueError(f"model.autoencoder: EchoMimicV2 denoises frame by frame and needs an image autoencoder "
                              f"(temporal_factor 1), got temporal_factor={autoencoder.temporal_factor}")
@@ -87,6 +95,7 @@ class EchoMimicV2Module(AnimationModule):
         if init_checkpoint:
             self.load_network_weights(init_checkpoint)
         self.noise_scheduler = noise_scheduler
+        self.sampler = SamplerSettings.from_config(sampler)
         self.phd_loss = phd_loss
         self._configured["phd"] = None if phd_loss is None else (dict(phd_loss.schedule), phd_loss.enabled)
 
@@ -95,6 +104,7 @@ class EchoMimicV2Module(AnimationModule):
     MUTABLE_GROUPS = MUTABLE_GROUPS
     AUDIO_GROUPS = ("audio_attention",)
     CONDITIONS = ("ref", "audio", "pose", "uncond")
+    UNCOND_CONDITIONS = ("ref", "audio", "pose")  # the release's unconditional CFG branch has none of them
     # Loss keys a phase's ``losses`` mapping may carry: ``phd`` (a band schedule such as
     # ``{S1: [pose, 0.1], S2: [detail, 0.1], S3: [low, 0.1]}``, or null to switch the PhD loss off).
     PHASE_LOSS_KEYS: tuple[str, ...] = ("phd",)
@@ -137,6 +147,8 @@ class EchoMimicV2Module(AnimationModule):
         region = self.audio_region
         if region in ("off", "global"):
             return None, region
+        if f"mask_{region}" not in batch:
+            raise ValueError(f"audio_region={region!r} needs the batch key 'mask_{region}' (B, F, 1, H, W)")
         return batch[f"mask_{region}"], "masked"
 
     def denoise(self, noisy_latents, timesteps, cond, batch, ref_keep=None, audio_keep=None, pose_keep=None):
@@ -180,32 +192,46 @@ class EchoMimicV2Module(AnimationModule):
         logs.update({k: v.detach() for k, v in phd.logs.items()})
         return latent + phd.loss.mean(), logs
 
+    @property
+    def pipeline(self) -> EchoMimicV2Pipeline:
+        """The sampling pipeline over this module's network, scheduler, sampler settings and autoencoder."""
+        return EchoMimicV2Pipeline(self.network, self.noise_scheduler, self.sampler, autoencoder=self.autoencoder)
+
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample a clip for each batch element with DDIM and classifier-free guidance on reference and audio (§4.1).
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 num_frames: int | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Animate a reference with audio and pose through :class:`EchoMimicV2Pipeline` (sampling as released).
+
+        Args:
+            batch: the conditions only (a training batch works; its ``video`` is not used): ``ref`` ``(B, 3, H, W)``
+                in ``[-1, 1]``; ``pose`` ``(B, >= F, C, H, W)`` (unless the pose encoder is muted); the audio as
+                ``audio_feats`` ``(B, >= F, K, D)``, or a 16 kHz waveform ``audio`` ``(B, S)`` (or ``audio_context`` with
+                ``audio_context_offset`` / ``_length``) with ``fps``; ``mask_<region>`` when the audio region is a
+                partial one.
+            num_frames: frames to generate, any number (default: the pose sequence's length).
+            latents: optional initial noise ``(B, F, C, h, w)``.
 
         Returns ``(B, F, 3, H, W)`` in ``[-1, 1]``.
         """
         steps = num_inference_steps or self.hparams.num_inference_steps
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        cond = self.encode_conditions(batch)
-        shape = cond["latents"].shape
-        b = shape[0]
-        # The unconditional branch drops reference and audio; both branches run as one batch.
-        cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-        # the ReferenceNet runs once per clip, not once per sampling step
-        cond["reference_bank"] = self.network.encode_reference(cond["ref_latents"])
-        cond2["reference_bank"] = self.network.encode_reference(cond2["ref_latents"])
-        batch2 = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (b,) else v for k, v in batch.items()}
-        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=self.device), torch.zeros(b, dtype=torch.bool, device=self.device)])
-
-        def denoise_fn(x_t: torch.Tensor, t: torch.Tensor, with_uncond: bool):
-            if not with_uncond:
-                return self.denoise(x_t, t, cond, batch)
-            v = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), cond2, batch2, ref_keep=keep, audio_keep=keep)
-            return v.chunk(2)
-
-        latents = self.noise_scheduler.ddim_sample(denoise_fn, tuple(shape), num_steps=steps, guidance_scale=scale,
-                                                   generator=generator, device=self.device, dtype=cond["latents"].dtype)
+        pose = None if "pose_encoder" in self.muted_groups else batch.get("pose")
+        if num_frames is None:
+            source = pose if pose is not None else batch.get("audio_feats")
+            if source is None:
+                raise ValueError("generate: give num_frames (no pose or audio_feats in the batch to count frames)")
+            num_frames = source.shape[1]
+        num_frames = int(num_frames)
+        if pose is None and "pose_encoder" not in self.muted_groups:
+            raise ValueError("generate: the batch has no 'pose' (B, F, C, H, W) and the pose encoder is not muted")
+        audio_mask, audio_mode = self.audio_mask_and_mode(batch)
+        ref = batch["ref"]
+        feats = None
+        if audio_mode != "off":
+            feats = self.audio_features({"video": ref[:, None], **batch}, num_frames=num_frames).to(ref.dtype)
+        ref_latents = self.autoencoder.encode_image(ref)
+        latents = self.pipeline.sample_latents(
+            ref_latents, feats, pose, num_frames, num_inference_steps=steps, guidance_scale=scale,
+            audio_mask=audio_mask, audio_mode=audio_mode, generator=generator, latents=latents)
         return self.autoencoder.decode(latents).clamp(-1, 1)

@@ -106,9 +106,13 @@ class PhDLoss(nn.Module):
         self.register_load_state_dict_pre_hook(_keep_current_term_weights)
 
     @classmethod
-    def tiny(cls, schedule: Mapping[str, Any] | None = None, num_keypoints: int = 17, **kwargs: Any) -> "PhDLoss":
+    def tiny(cls, schedule: Mapping[str, Any] | None = None, num_keypoints: int = 17,
+             terms: Mapping[str, nn.Module] | None = None, **kwargs: Any) -> "PhDLoss":
         """CPU preset: Sobel detail loss, LPIPS(alex) with a RANDOM backbone and a random conv pose extractor (both
-        labelled stand-ins by :meth:`describe`); no files needed."""
+        labelled stand-ins by :meth:`describe`); no files needed. ``terms`` must be ``None`` (the config's
+        ``terms: null``: the stand-ins are built here); ``schedule`` and ``bands`` as :class:`PhDLoss`."""
+        if terms is not None:
+            raise ValueError("PhDLoss.tiny builds its own stand-in terms: model.phd_loss.terms must be null")
         from halfbody.losses.detail import DetailLoss
         from halfbody.losses.lpips_loss import LowLevelLoss
         from halfbody.losses.pose_extractor import PoseLoss, RandomConvPoseExtractor

@@ -44,6 +44,7 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
     MUTABLE_GROUPS: tuple[str, ...] = ()
     AUDIO_GROUPS: tuple[str, ...] = ()  # muting all of these means audio_region "off"
     CONDITIONS: tuple[str, ...] = ("ref", "audio", "pose")
+    UNCOND_CONDITIONS: tuple[str, ...] = ("ref", "audio")  # what an ``uncond`` dropout drops together
     PHASE_LOSS_KEYS: tuple[str, ...] = ()
 
     network: nn.Module
@@ -189,7 +190,7 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
     def condition_keep_masks(self, batch_size: int, generator: torch.Generator | None = None
                              ) -> dict[str, torch.Tensor | None]:
         """Independent per-sample condition dropout for CFG training (``{name}_keep`` bool ``(B,)``, or None when
-        nothing is dropped). An ``uncond`` probability, when the family has one, drops reference and audio together."""
+        nothing is dropped). An ``uncond`` probability, when the family has one, drops ``UNCOND_CONDITIONS`` together."""
         p = self.condition_dropout
         uncond = None
         if "uncond" in p:
@@ -197,7 +198,7 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
         keeps = {}
         for name in ("ref", "audio", "pose"):
             drop = torch.rand(batch_size, device=self.device, generator=generator) < p.get(name, 0.0)
-            if uncond is not None and name != "pose":
+            if uncond is not None and name in self.UNCOND_CONDITIONS:
                 drop |= uncond
             keeps[f"{name}_keep"] = None if not bool(drop.any()) else ~drop  # None: no mask (faster kernels)
         return keeps

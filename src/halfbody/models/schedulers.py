@@ -22,7 +22,8 @@ from typing import Callable, Literal, Union
 
 import torch
 
-__all__ = ["VPredictionDDIM", "apply_cfg", "ddim_sample", "DenoiseFn"]
+__all__ = ["VPredictionDDIM", "apply_cfg", "ddim_sample", "DenoiseFn", "alpha_bar_at", "x0_from_velocity",
+           "pseudo_velocity"]
 
 #: ``denoise_fn(x_t, t, with_uncond)``: ``x_t`` ``(B, ...)``, ``t`` ``(B,)`` long. Returns ``v_cond`` when
 #: ``with_uncond`` is False, else ``(v_cond, v_uncond)``, so a caller can run both branches as one batch of 2B.
@@ -58,10 +59,12 @@ class VPredictionDDIM:
     Args:
         num_train_timesteps: ``T``.
         beta_start, beta_end, beta_schedule: SD1.5's betas. ``"scaled_linear"`` is SD1.5's native schedule and
-            Moore-AnimateAnyone's *training* scheduler; its inference yaml (and EchoMimicV2's) says ``"linear"``.
-            Keep train and sample equal unless reproducing that exact mismatch.
+            Moore-AnimateAnyone's *training* scheduler; the EchoMimicV2 release's ``noise_scheduler_kwargs``
+            (``configs/inference/inference_v2.yaml``) say ``"linear"``, which the EchoMimicV2 presets follow.
         rescale_betas_zero_snr: rescale so ``abar_{T-1} = 0`` (Lin et al. 2024, Alg. 1).
         timestep_spacing: ``"trailing"`` starts sampling at ``T - 1`` (Lin et al. 2024, §3.3).
+        steps_offset, clip_sample, set_alpha_to_one: diffusers ``DDIMScheduler`` settings (the release: 1, False,
+            diffusers' default True: the last DDIM step lands on ``abar = 1``).
         prediction_type: the network's target; this class is written for ``"v_prediction"``.
     """
 
@@ -69,15 +72,18 @@ class VPredictionDDIM:
                  beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear",
                  rescale_betas_zero_snr: bool = True,
                  timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing",
-                 steps_offset: int = 1, prediction_type: Literal["v_prediction"] = "v_prediction") -> None:
+                 steps_offset: int = 1, prediction_type: Literal["v_prediction"] = "v_prediction",
+                 clip_sample: bool = False, set_alpha_to_one: bool = True) -> None:
         from diffusers import DDIMScheduler
 
         if prediction_type != "v_prediction":
             raise ValueError(f"VPredictionDDIM only supports prediction_type='v_prediction', got {prediction_type!r}")
+        if beta_schedule not in ("linear", "scaled_linear"):
+            raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {beta_schedule!r}")
         self.scheduler = DDIMScheduler(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=True, steps_offset=steps_offset,
-            prediction_type="v_prediction", timestep_spacing=timestep_spacing,
+            beta_schedule=beta_schedule, clip_sample=bool(clip_sample), set_alpha_to_one=bool(set_alpha_to_one),
+            steps_offset=steps_offset, prediction_type="v_prediction", timestep_spacing=timestep_spacing,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
         self.num_train_timesteps = int(num_train_timesteps)
@@ -187,6 +193,43 @@ class VPredictionDDIM:
             if callback is not None:
                 callback(i, int(t), x)
         return x
+
+
+# ---------------------------------------------------------------------------------------------- the release's step
+# EchoMimicV2's accelerated pipeline (``pipeline_echomimicv2_acc.py`` with ``step_func.py``) converts each window's
+# v-prediction into an ``x0`` estimate and back into the *pseudo-velocity* that carries ``x_t`` onto a given state
+# ``x_s`` in one DDIM step; it does so towards ``s = -1`` (``abar = 1``, the clean sample). Timesteps below 0 read
+# ``abar = 1``. Written from the maths:
+#
+#     x_s = (a_s a_t + b_s b_t) x_t + (b_s a_t - a_s b_t) v        (one deterministic DDIM step, a = sqrt(abar),
+#     v   = (x_s - (a_s a_t + b_s b_t) x_t) / (b_s a_t - a_s b_t)   b = sqrt(1 - abar))
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``abar_t`` for integer timesteps ``t`` ``(B,)``; ``t < 0`` gives 1 (the clean end), ``t >= T`` gives 0."""
+    t = t.long().to(alphas_cumprod.device)
+    abar = alphas_cumprod[t.clamp(0, alphas_cumprod.shape[0] - 1)]
+    abar = torch.where(t < 0, torch.ones_like(abar), abar)
+    return torch.where(t >= alphas_cumprod.shape[0], torch.zeros_like(abar), abar)
+
+
+def x0_from_velocity(v: torch.Tensor, x_t: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x0 = a_t x_t - b_t v``; ``v``, ``x_t`` ``(B, ...)``, ``t`` ``(B,)`` (or one timestep for all)."""
+    t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
+    abar = _expand(alpha_bar_at(alphas_cumprod, t), x_t).to(x_t.dtype)
+    return abar.sqrt() * x_t - (1 - abar).sqrt() * v
+
+
+def pseudo_velocity(x_t: torch.Tensor, x_s: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor,
+                    s: torch.Tensor) -> torch.Tensor:
+    """The velocity whose deterministic DDIM step from ``(x_t, t)`` lands exactly on ``x_s`` at timestep ``s``
+    (``s = -1``: ``x_s`` is the clean sample). Shapes as :func:`x0_from_velocity`."""
+    t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
+    s = s.reshape(-1).expand(x_t.shape[0]) if s.numel() == 1 else s
+    abar_t = _expand(alpha_bar_at(alphas_cumprod, t), x_t).to(x_t.dtype)
+    abar_s = _expand(alpha_bar_at(alphas_cumprod, s), x_t).to(x_t.dtype)
+    a_t, b_t, a_s, b_s = abar_t.sqrt(), (1 - abar_t).sqrt(), abar_s.sqrt(), (1 - abar_s).sqrt()
+    return (x_s - (a_s * a_t + b_s * b_t) * x_t) / (b_s * a_t - a_s * b_t)
 
 
 def ddim_sample(denoise_fn: DenoiseFn, shape: tuple[int, ...], num_steps: int = 30, guidance_scale: float = 2.5,
