@@ -247,3 +247,23 @@ def test_unet_dir_with_bin_weights_loads(tmp_path):
     net = EchoMimicV2Network.from_pretrained_parts(tmp_path / "unet", audio_dim=AUDIO_DIM, audio_tokens=AUDIO_TOKENS,
                                                    pose_block_out_channels=list(POSE))
     assert torch.equal(net.reference_net.unet.conv_in.weight, unet.conv_in.weight)
+
+
+def test_official_network_config_builds_the_release(tmp_path):
+    """conf/model/network/echomimic_v2_official.yaml: the partial the model calls fills the network from the files."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from halfbody.utils.hydra import CONFIG_DIR
+
+    files = release_files(seed=5)
+    d = write_release(tmp_path / "pretrained" / "EchoMimicV2", files)
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / "network" / "echomimic_v2_official.yaml")
+    cfg.release_dir = str(d)
+    cfg.unet_config = str(d / "sd-image-variations-diffusers" / "unet")
+    build = hydra.utils.instantiate(cfg)
+    net = build(latent_channels=4, latent_factor=8, audio_dim=AUDIO_DIM, audio_tokens=AUDIO_TOKENS)
+    export_release(net, tmp_path / "out")
+    assert_same_files(files, tmp_path / "out")
+    with pytest.raises(UserError, match="model.autoencoder has spatial factor 4"):
+        build(latent_channels=4, latent_factor=4, audio_dim=AUDIO_DIM, audio_tokens=AUDIO_TOKENS)
