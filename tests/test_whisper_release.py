@@ -292,6 +292,13 @@ def test_conversions_round_trip(release_files, tmp_path):
     assert not list((tmp_path / "again").glob(".*"))  # no temporaries left
     with pytest.raises(UserError, match="exists"):
         convert_to_transformers_dir(release_files["pt"], out)
+    # the command line: one line and exit code 2 for a missing file
+    from halfbody.models.whisper_openai import main
+
+    assert main([str(release_files["pt"]), str(tmp_path / "cli")]) == 0 and (tmp_path / "cli" / "config.json").exists()
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "absent.pt"), str(tmp_path / "cli2")])
+    assert e.value.code == 2 and not (tmp_path / "cli2").exists()
 
 
 def _bad(path, payload):

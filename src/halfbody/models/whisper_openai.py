@@ -305,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="new transformers directory")
     args = ap.parse_args(argv)
     with exit_on_user_error():
-        print(convert_to_transformers_dir(args.checkpoint, args.out, key="checkpoint"))
+        try:
+            out = convert_to_transformers_dir(args.checkpoint, args.out, key="checkpoint")
+        except PretrainedNotFoundError as e:
+            raise UserError(str(e)) from e
+        print(out)
     return 0
 
 
