@@ -137,11 +137,20 @@ def test_audio_modes_and_audio_keep():
         net(**inp, audio_mode="masked")
     with pytest.raises(ValueError, match="audio_mode"):
         net(**inp, audio_mode="lips")
-    # audio_keep: dropped samples behave as "off", kept samples as "global".
+    # audio_keep: as released, a dropped sample hears zero audio tokens (not "off": attn2's output bias remains);
+    # kept samples are "global".
     keep = torch.tensor([1.0, 0.0])
     a = run(net, **inp, audio_keep=keep)
-    torch.testing.assert_close(a[1], off[1], rtol=1e-5, atol=1e-6)
+    silent = inp["audio_feats"].clone()
+    silent[1] = 0
+    torch.testing.assert_close(a[1], run(net, **dict(inp, audio_feats=silent))[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a[1], off[1], atol=1e-4)
     torch.testing.assert_close(a[0], glob[0], rtol=1e-5, atol=1e-6)
+    # The projection ablation zeroes the dropped sample's audio attention: it behaves as "off".
+    proj = make_net(audio_attention="projection")
+    a, off = run(proj, **inp, audio_keep=keep), run(proj, **inp, audio_mode="off")
+    torch.testing.assert_close(a[1], off[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(a[0], off[0], atol=1e-4)
 
 
 def test_partial_attention_is_zero_outside_the_region():

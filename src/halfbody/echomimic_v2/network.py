@@ -370,7 +370,9 @@ class EchoMimicV2Network(nn.Module):
             audio_mode: ``"off"`` (audio attention muted, skipped), ``"masked"`` (Lips/Head Partial Attention,
                 §3.2.2) or ``"global"``.
             ref_keep: ``(B,)`` bool; ``False`` hides the reference from that clip (attention mask).
-            audio_keep: ``(B,)`` bool/float; 0 zeroes the audio contribution of that clip.
+            audio_keep: ``(B,)`` bool/float; 0 drops the audio of that clip: with ``audio_attention="direct"`` as
+                the release does, zero audio tokens (``attn2`` then adds only its output bias x gain); with
+                ``"projection"`` the audio attention's contribution is zeroed.
             pose_keep: ``(B,)`` bool/float; 0 zeroes the pose features of that clip.
             reference_bank: the output of :meth:`encode_reference` for ``ref_latents``, to reuse across sampling
                 steps (the ReferenceNet sees the clean reference at t = 0, so its features do not change).
@@ -423,6 +425,11 @@ class EchoMimicV2Network(nn.Module):
                 if audio_feats.ndim != 4 or audio_feats.shape[-1] != d:
                     raise ValueError(f"audio_feats must be ({b}, {nf}, K, {d}), got {tuple(audio_feats.shape)}")
                 context = audio_feats.flatten(0, 1).to(dtype)
+                if audio_keep is not None:
+                    # The release drops audio by feeding zero audio tokens (its CFG branch: torch.zeros_like of the
+                    # features), which still leaves attn2's output bias (x gain); so does a dropped clip here.
+                    context = context * audio_keep.to(dtype).repeat_interleave(nf)[:, None, None]
+                    audio_keep = None
             if audio_mode == "masked":
                 if audio_mask is None or audio_mask.shape[:3] != (b, nf, 1):
                     got = None if audio_mask is None else tuple(audio_mask.shape)
