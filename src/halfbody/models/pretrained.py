@@ -10,11 +10,14 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+from halfbody.utils.errors import UserError
+
 T = TypeVar("T")
 
 
-class PretrainedNotFoundError(FileNotFoundError):
-    """A pretrained directory named by a config key is missing or incomplete."""
+class PretrainedNotFoundError(UserError, FileNotFoundError):
+    """A pretrained directory named by a config key is missing or incomplete (reported by the entry points as one
+    line naming the key)."""
 
 
 def require_pretrained_dir(path: str | os.PathLike | None, key: str, expected: str,
