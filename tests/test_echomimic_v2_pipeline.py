@@ -253,6 +253,24 @@ def test_unconditional_branch_drops_reference_audio_and_pose(tiny_model):
         assert (run({**a, key: b[key]}, 1.0) - base).abs().max() > 1e-4, key
 
 
+def test_unconditional_branch_is_the_releases(tiny_model):
+    """The release's unconditional branch: self-attention without the reference bank, zero audio *features* into
+    attn2 (not a zeroed attn2 output: its out-projection bias, times the gain, remains) and zero pose features."""
+    net = tiny_model.network
+    assert net.audio_attention == "direct"
+    g = torch.Generator().manual_seed(4)
+    ref, x = torch.randn(1, 48, 8, 8, generator=g), torch.randn(1, 5, 48, 8, 8, generator=g)
+    feats = torch.randn(1, 5, tiny_model.audio_encoder.tokens_per_frame, tiny_model.audio_encoder.feature_dim,
+                        generator=g)
+    pose, t = torch.rand(1, 5, 3, 32, 32, generator=g), torch.tensor([500])
+    pipe = tiny_model.pipeline
+    v_cond, v_uncond = pipe.window_denoiser(ref, feats, pose)(x, t, list(range(5)), True)
+    no = torch.tensor([False])
+    with torch.no_grad():
+        torch.testing.assert_close(v_uncond, net(x, t, ref, torch.zeros_like(feats), pose, ref_keep=no, pose_keep=no))
+        torch.testing.assert_close(v_cond, net(x, t, ref, feats, pose))
+
+
 # ------------------------------------------------------------------------------------------ presets
 PARTS = ("network", "autoencoder", "audio_encoder", "phd_loss")
 

@@ -13,7 +13,8 @@ What the release's pipelines (``src/pipelines/pipeline_echomimicv2.py`` and ``pi
   the number of windows that covered it (a plain average over overlaps), then classifier-free guidance, then one
   scheduler step for the whole clip.
 - **CFG** (``guidance_scale > 1``): the unconditional branch has no reference (its self-attention does not read the
-  ReferenceNet bank), zero audio and zero pose features; ``1`` runs the conditional branch alone.
+  ReferenceNet bank), zero audio features (so each ``attn2`` still adds its gained out-projection bias) and zero pose
+  features; ``1`` runs the conditional branch alone.
 - **The ReferenceNet** runs once per clip on the clean reference (timestep 0); its bank is reused by every window
   and step.
 - **Step function**: ``ddim`` (diffusers ``DDIMScheduler.step`` with the release's scheduler config), or
@@ -226,6 +227,7 @@ class EchoMimicV2Pipeline:
                 return net(x_w, t, ref_latents, feats, p, audio_mask=mask, audio_mode=audio_mode, reference_bank=bank)
             cat = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
             # one batch of 2B: conditional first, then the unconditional branch (no reference, audio or pose)
+            # audio_keep False: the network drops audio as released (zero audio tokens into attn2)
             out = net(torch.cat([x_w, x_w]), torch.cat([t, t]), ref2, cat(feats), cat(p), audio_mask=cat(mask),
                       audio_mode=audio_mode, ref_keep=keep, audio_keep=keep, pose_keep=keep, reference_bank=bank2)
             return out.chunk(2)
