@@ -278,8 +278,12 @@ class EchoMimicV2Network(nn.Module):
                                    "EchoMimicV2Network.save_pretrained", (CONFIG_NAME, WEIGHTS_NAME))
         config = json.loads((d / CONFIG_NAME).read_text())
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        net = cls(**config)
-        net.load_state_dict(load_file(str(d / WEIGHTS_NAME)), strict=True)
+        with torch.device("meta"):  # shapes only: the weights come from the file (no random init of 2B params)
+            net = cls(**config)
+        net.load_state_dict(load_file(str(d / WEIGHTS_NAME)), strict=True, assign=True)
+        left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"{d / WEIGHTS_NAME}: network tensors not in the file: {left[:5]}")
         return net
 
     def save_temporal(self, directory: str | os.PathLike) -> Path:
