@@ -290,3 +290,21 @@ def test_save_load_round_trip(tmp_path):
     inp = make_inputs()
     kw = dict(audio_mode="masked", audio_mask=torch.ones(2, 4, 1, 64, 64), ref_keep=torch.tensor([True, False]))
     assert torch.equal(run(net, **inp, **kw), run(loaded, **inp, **kw))
+
+
+def test_release_audio_gain_and_frame_position_limit():
+    """attn2's output is scaled by the release's 3.0 (audio_feature_ratio); frame positions cover 32 frames."""
+    from halfbody.echomimic_v2.temporal_module import FramePositionEncoding
+
+    net = make_net()
+    assert net.config["audio_gain"] == 3.0
+    blk = net.denoising_unet.transformer_blocks()[0]
+    assert blk.attn2.to_k.in_features == D  # the audio features are attn2's keys/values
+    hidden, audio = torch.randn(2, 256, 32), torch.randn(2, K, D)
+    with torch.no_grad():
+        torch.testing.assert_close(blk.attn2.processor(blk.attn2, hidden, audio),
+                                   3.0 * AudioCrossAttnProcessor(gain=1.0)(blk.attn2, hidden, audio))
+    pe = FramePositionEncoding(8, max_frames=32)
+    assert "pe" in pe.state_dict() and pe(torch.zeros(1, 32, 8)).shape == (1, 32, 8)
+    with pytest.raises(ValueError, match="33 frames.*covers 32"):
+        pe(torch.zeros(1, 33, 8))
