@@ -265,5 +265,12 @@ def test_official_network_config_builds_the_release(tmp_path):
     net = build(latent_channels=4, latent_factor=8, audio_dim=AUDIO_DIM, audio_tokens=AUDIO_TOKENS)
     export_release(net, tmp_path / "out")
     assert_same_files(files, tmp_path / "out")
-    with pytest.raises(UserError, match="model.autoencoder has spatial factor 4"):
+    with pytest.raises(UserError, match="model.autoencoder has spatial factor 4, but .*pose_encoder.pth downsamples by 8"):
         build(latent_channels=4, latent_factor=4, audio_dim=AUDIO_DIM, audio_tokens=AUDIO_TOKENS)
+    # fine-tuning starts from it: every trainable group gets gradients from one loss
+    g = torch.Generator().manual_seed(2)
+    out = net(torch.randn(1, 2, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 4, 8, 8, generator=g),
+              torch.randn(1, 2, AUDIO_TOKENS, AUDIO_DIM, generator=g), torch.rand(1, 2, 3, 64, 64, generator=g))
+    out.square().mean().backward()
+    for name, mods in net.module_groups().items():
+        assert all(p.grad is not None for m in mods for p in m.parameters()), name

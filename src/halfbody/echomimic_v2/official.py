@@ -268,7 +268,7 @@ def network_from_release(release_dir: str | os.PathLike | None, unet_config: str
             ``<release_dir>/sd-image-variations-diffusers/unet``.
         variant: ``"standard"`` or ``"acc"`` (``*_acc.pth`` denoiser and motion modules).
         audio_dim, audio_tokens, latent_channels, latent_factor: what the model's audio encoder and autoencoder
-            give (the model passes them); they must be the release's (384, 8 and the VAE's 4 channels).
+            give (the model passes them); they must fit the files (the release: 384, 50, 4 channels, factor 8).
     """
     if not release_dir:
         raise UserError(f"{key} is not set: expected the release's pretrained_weights/ directory")
@@ -278,17 +278,19 @@ def network_from_release(release_dir: str | os.PathLike | None, unet_config: str
     if latent_channels is not None and latent_channels != cfg["in_channels"]:
         raise UserError(f"model.autoencoder gives {latent_channels} latent channels, the release's UNet takes "
                         f"{cfg['in_channels']} (use the sd-vae-ft-mse autoencoder)")
-    if latent_factor != 8:
-        raise UserError(f"model.autoencoder has spatial factor {latent_factor}, the release's pose encoder needs 8")
     files, names = read_release(release_dir, variant)
+    widths = _pose_widths(files["pose_encoder"])
+    if widths and 2 ** (len(widths) - 1) != latent_factor:
+        raise UserError(f"model.autoencoder has spatial factor {latent_factor}, but {names['pose_encoder']} downsamples "
+                        f"by {2 ** (len(widths) - 1)} (the release's: 8, sd-vae-ft-mse)")
     den = files["denoising_unet"]
     k2 = next((k for k in den if k.endswith(".attn2.to_k.weight")), None)
     if k2 is not None and den[k2].ndim == 2 and den[k2].shape[1] != audio_dim:
         raise UserError(f"model.audio_encoder gives {audio_dim}-dim features but {names['denoising_unet']}'s attn2 "
                         f"takes {den[k2].shape[1]} ({k2}); use the release's whisper-tiny features")
-    if "pose_block_out_channels" not in overrides and _pose_widths(files["pose_encoder"]):
-        overrides["pose_block_out_channels"] = _pose_widths(files["pose_encoder"])
-    net = build_release_network(cfg, audio_dim, audio_tokens, **overrides)
+    if "pose_block_out_channels" not in overrides and widths:
+        overrides["pose_block_out_channels"] = widths
+    net = build_release_network(cfg, audio_dim, audio_tokens, latent_factor=latent_factor, **overrides)
     return load_release_into(net, files, names)
 
 
