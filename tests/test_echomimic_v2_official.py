@@ -26,6 +26,7 @@ from halfbody.echomimic_v2.official import (
     release_parameter_counts,
 )
 from halfbody.utils.errors import UserError
+from test_pretrained_presets import pretrained_dir  # noqa: F401  (fixture: tiny pretrained parts on disk)
 
 AUDIO_DIM, AUDIO_TOKENS = 24, 6
 POSE = (4, 8, 8, 16)  # the release: (16, 32, 96, 256) -> 320
@@ -53,19 +54,21 @@ def motion_module_state(prefix: str, c: int, g: torch.Generator) -> dict[str, to
     return {t + k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
-def release_files(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
+def release_files(seed: int = 0, dtype: torch.dtype = torch.float32, unet: dict | None = None,
+                  audio_dim: int = AUDIO_DIM, pose_widths: tuple[int, ...] = POSE) -> dict[str, dict[str, torch.Tensor]]:
     """Tiny state dicts in the release's layout (random values)."""
+    unet = dict(unet or TINY_UNET)
     g = torch.Generator().manual_seed(seed)
 
     def rand(sd):
         return {k: torch.randn(v.shape, generator=g).to(dtype) for k, v in sd.items()}
 
     with torch.device("meta"):
-        ref = UNet2DConditionModel(**TINY_UNET).state_dict()
-        den = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": AUDIO_DIM}).state_dict()
+        ref = UNet2DConditionModel(**unet).state_dict()
+        den = UNet2DConditionModel(**{**unet, "cross_attention_dim": audio_dim}).state_dict()
     ref = {k: v for k, v in ref.items()
            if not re.search(r"transformer_blocks\.\d+\.(attn2|norm2)\.", k) and not k.startswith(("conv_norm_out", "conv_out"))}
-    chans, n = TINY_UNET["block_out_channels"], TINY_UNET["layers_per_block"]
+    chans, n = unet["block_out_channels"], unet["layers_per_block"]
     motion: dict[str, torch.Tensor] = {}
     for i, c in enumerate(chans):
         for j in range(n):
@@ -74,10 +77,10 @@ def release_files(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str
     for i, c in enumerate(reversed(chans)):
         for j in range(n + 1):
             motion.update(motion_module_state(f"up_blocks.{i}.motion_modules.{j}", c, g))
-    pose = {"conv_in.weight": (POSE[0], 3, 3, 3), "conv_in.bias": (POSE[0],),
-            "conv_out.weight": (TINY_UNET["block_out_channels"][0], POSE[-1], 3, 3),
-            "conv_out.bias": (TINY_UNET["block_out_channels"][0],)}
-    for i, (a, b) in enumerate(zip(POSE[:-1], POSE[1:])):
+    pw = pose_widths
+    pose = {"conv_in.weight": (pw[0], 3, 3, 3), "conv_in.bias": (pw[0],),
+            "conv_out.weight": (unet["block_out_channels"][0], pw[-1], 3, 3), "conv_out.bias": (unet["block_out_channels"][0],)}
+    for i, (a, b) in enumerate(zip(pw[:-1], pw[1:])):
         pose.update({f"blocks.{2 * i}.weight": (a, a, 3, 3), f"blocks.{2 * i}.bias": (a,),
                      f"blocks.{2 * i + 1}.weight": (b, a, 3, 3), f"blocks.{2 * i + 1}.bias": (b,)})
     return {"reference_unet.pth": rand(ref), "denoising_unet.pth": rand(den),
@@ -274,3 +277,37 @@ def test_official_network_config_builds_the_release(tmp_path):
     out.square().mean().backward()
     for name, mods in net.module_groups().items():
         assert all(p.grad is not None for m in mods for p in m.parameters()), name
+
+
+def test_model_fine_tunes_from_the_release(pretrained_dir, tmp_path):
+    """model=echomimic_v2 model/network=echomimic_v2_official: the whole model (VAE, the release's Whisper file,
+    the release's network files) builds through the config, takes a training step and samples."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    from data_pipelines.synthetic_world import generate_shards
+    from halfbody.data.datamodule import HalfBodyDataModule
+    from halfbody.echomimic_v2.network import tiny_unet_config
+    from halfbody.utils.hydra import CONFIG_DIR
+    root = pretrained_dir  # tiny sd-image-variations UNet, sd-vae-ft-mse and the release's tiny.pt (d_model 32)
+    unet = {k: v for k, v in tiny_unet_config(latent_channels=4).items()}
+    files = release_files(seed=7, unet=unet, audio_dim=32, pose_widths=(8, 16, 32))  # whisper d_model 32, factor 4
+    for name, sd in files.items():
+        torch.save(sd, root / "EchoMimicV2" / name)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "model=echomimic_v2", "model/network=echomimic_v2_official", f"paths.pretrained_dir={root}",
+            "model.phd_loss=null"])
+    model = hydra.utils.instantiate(cfg.model)
+    state = model.network.state_dict()
+    key = "mid_block.motion_modules.0.temporal_transformer.proj_out.weight"
+    assert torch.equal(state[f"denoising_unet.unet.{key}"], files["motion_module.pth"][key])
+    shards = generate_shards(tmp_path / "world", num_clips=2, num_frames=16, resolution=64, workers=0, headshot_fraction=0)
+    dm = HalfBodyDataModule([str(p) for p in shards], num_frames=4, resolution=32, batch_size=1, num_workers=0,
+                            batches_per_epoch=1, val_samples=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    loss, _ = model.diffusion_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for m in model.network.module_groups()["temporal"] for p in m.parameters())
