@@ -133,6 +133,13 @@ def test_release_files_load_strictly_run_and_round_trip(tmp_path):
     # ... and exports back to the same files, bit for bit.
     export_release(net, tmp_path / "out")
     assert_same_files(files, tmp_path / "out")
+    # A denoiser file that also carries motion-module tensors: as in the official infer.py (denoising_unet.pth is
+    # loaded last), its copies win.
+    both = {k: dict(v) for k, v in files.items()}
+    key = "up_blocks.1.motion_modules.1.temporal_transformer.proj_in.weight"
+    both["denoising_unet.pth"][key] = torch.full_like(files["motion_module.pth"][key], 7.0)
+    net2 = load(write_release(tmp_path / "both", both))
+    assert (net2.state_dict()[f"denoising_unet.unet.{key}"] == 7.0).all()
     # fp16 files (as the release may store them) load into fp32 and export back to the same fp16 bits.
     half = release_files(seed=2, dtype=torch.float16)
     net16 = load(write_release(tmp_path / "release16", half))

@@ -179,7 +179,14 @@ def read_release(release_dir: str | os.PathLike, variant: str = "standard") -> t
         raise UserError(f"{d}: not a directory (expected the release's pretrained_weights/ with "
                         f"{', '.join(release_filenames(variant).values())})")
     names = {part: str(d / f) for part, f in release_filenames(variant).items()}
-    return {part: read_state_file(path, Path(path).name) for part, path in names.items()}, names
+    files = {part: read_state_file(path, Path(path).name) for part, path in names.items()}
+    # The official infer.py loads denoising_unet.pth after motion_module.pth (strict=False): a motion-module tensor
+    # that the denoiser file also carries is taken from the denoiser file.
+    den = files["denoising_unet"]
+    moved = {k: den.pop(k) for k in [k for k in den if _MOTION in k]}
+    if moved:
+        files["motion_module"] = {**files["motion_module"], **moved}
+    return files, names
 
 
 def load_release_into(net: EchoMimicV2Network, files: Mapping[str, Mapping[str, torch.Tensor]],
