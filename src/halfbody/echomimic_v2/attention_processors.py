@@ -8,8 +8,8 @@ The SD1.5 UNet stays as diffusers builds it; what EchoMimicV2 changes about atte
   tokens plus the bank's reference tokens of the same block; per-sample reference dropout masks the reference tokens
   out of the softmax (an attention mask, not zeros, so a dropped sample is exactly "no reference").
 - :class:`AudioCrossAttnProcessor` (denoiser ``attn2``): the text cross-attention repurposed for audio (§3.1), with
-  the release's output gain (3.0), the Lips/Head Partial Attention of §3.2.2 / §3.3 as a spatial mask on its output, "off" (muted, §3.2.1 Initial
-  Pose Phase) and per-sample audio dropout.
+  the release's output gain (3.0), the Lips/Head Partial Attention of §3.2.2 / §3.3 as a spatial mask on its
+  output, "off" (muted, §3.2.1 Initial Pose Phase) and per-sample audio dropout.
 - :class:`PlainAttnProcessor`: ordinary SDPA attention that accepts (and ignores) the per-forward context.
 
 Per-forward state travels in one :class:`AttentionContext`, passed as ``cross_attention_kwargs={"attn_context":
