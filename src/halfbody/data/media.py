@@ -293,3 +293,30 @@ def load_audio_16k(data: bytes | str | os.PathLike) -> np.ndarray:
     """A WAVE payload -> mono float32 at 16 kHz."""
     samples, rate = read_wav(data)
     return resample_audio(samples, rate, AUDIO_SAMPLE_RATE)
+
+
+# --------------------------------------------------------------------------------------------- any audio file
+def read_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Any audio PyAV decodes (wav, mp3, flac, m4a / aac, ogg, the audio track of an mp4 / mov / mkv ...), downmixed
+    to mono float32 at its own rate: ``(samples, sample_rate)``.
+
+    RIFF/WAVE payloads go through :func:`decode_wav` (with its repairs); everything else through PyAV
+    (:func:`read_video_audio`). Raises ``MediaError`` naming what is wrong (no audio stream, undecodable, no samples).
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        head = bytes(data[:12])
+    else:
+        try:
+            with open(data, "rb") as fh:
+                head = fh.read(12)
+        except OSError as e:
+            raise MediaError(f"cannot be read ({type(e).__name__}: {e})") from e
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return read_wav(data)
+    return read_video_audio(data)
+
+
+def load_audio_file_16k(data: bytes | str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`read_audio`, plus the 16 kHz mono copy the audio encoders take: ``(samples_16k, samples, rate)``."""
+    samples, rate = read_audio(data)
+    return resample_audio(samples, rate, AUDIO_SAMPLE_RATE), samples, rate
