@@ -614,6 +614,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(job, str):
             summary["failed"].append(job)
             log.error(job)
+            print(f"error: {job}", file=sys.stderr, flush=True)
         elif job.output.exists() and not overwrite:
             summary["skipped"].append(str(job.output))
             log.info("%s exists: skipped (overwrite=true redoes it)", job.output)

@@ -1,0 +1,225 @@
+"""``python -m halfbody.generate``: train each family for 2 steps through the real ``train()``, then generate from the
+checkpoint with a real png and real audio files (wav, and an m4a written with PyAV), in single and batch mode, and
+check the one-line errors of bad inputs (in-process, and once through the real CLI)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+from halfbody.data import media
+from halfbody.generate import generate
+from halfbody.utils.errors import exit_on_user_error
+from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT
+from shard_utils import person_keypoints
+
+TRAIN = ["logger=none", "~callbacks.sample_videos", "trainer.max_steps=2", "trainer.val_check_interval=2",
+         "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=1",
+         "data.prepare.train_clips=2", "data.prepare.val_clips=1", "data.prepare.num_frames=20",
+         "data.prepare.workers=1", "data.prepare.resolution=64"]
+FAST = ["steps=1", "progress=false", "resolution=32"]  # 32 x 32: a few seconds of CPU per video
+
+
+def _compose(config: str, overrides: list[str], out: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.log_dir = str(out)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A 2-step checkpoint of each family. The EchoMimicV2 run trains at 20 fps and keeps its config where Hydra
+    writes it (``<run>/.hydra/config.yaml``); the MirrorMe run has none (its model config is composed at generation)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from halfbody.train import train
+
+    data = tmp_path_factory.mktemp("data")
+    out = {}
+    for family, extra in (("echomimic_v2", ["data.fps=20"]), ("mirrorme", [])):
+        GlobalHydra.instance().clear()
+        run = tmp_path_factory.mktemp(family)
+        cfg = _compose("train", TRAIN + extra + [f"family={family}", f"paths.data_dir={data}"], run)
+        train(cfg)
+        if family == "echomimic_v2":
+            (run / ".hydra").mkdir()
+            OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+        out[family] = run / "checkpoints" / "last.ckpt"
+        assert out[family].is_file()
+    GlobalHydra.instance().clear()
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A non-square png, a 0.4 s stereo 22.05 kHz wav, a 0.4 s stereo 44.1 kHz AAC m4a, poses, and bad files."""
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(d / "ref.png")
+    t = np.arange(int(0.4 * 22050)) / 22050
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 4 * t)) / 2).astype(np.float32)
+    stereo = np.stack([tone, 0.5 * tone], axis=1)
+    pcm = (stereo * 32767).astype("<i2").tobytes()
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, 1, 2, 22050, 22050 * 4, 4,
+                         16, b"data", len(pcm))
+    (d / "talk.wav").write_bytes(header + pcm)
+    with av.open(str(d / "talk.m4a"), "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=44100)
+        s.layout = "stereo"
+        t44 = np.arange(int(0.4 * 44100)) / 44100
+        x = (0.3 * np.sin(2 * np.pi * 300 * t44)).astype(np.float32)
+        planes = np.stack([x, 0.5 * x])
+        for i in range(0, planes.shape[1], 1024):
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, i:i + 1024]), format="fltp", layout="stereo")
+            f.sample_rate, f.pts = 44100, i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    media.write_wav(d / "silent.wav", np.zeros(8000, np.float32), 16000)
+    media.write_wav(d / "empty.wav", np.zeros(0, np.float32), 16000)
+    (d / "not_image.png").write_text("this is not a png\n")
+    np.save(d / "pose.npy", person_keypoints(10))
+    np.save(d / "pose_short.npy", person_keypoints(4))
+    media.write_video(d / "driving.mp4", np.zeros((2, 16, 16, 3), np.uint8), 25.0)
+    return d
+
+
+def _audio_seconds(path: Path) -> float:
+    samples, rate = media.read_audio(path)
+    return samples.size / rate
+
+
+def _check_mp4(path: Path, seconds: float, fps: float, size: int = 32) -> None:
+    """H.264 + AAC, at ``fps``, video and audio streams as long as the input audio (within a frame)."""
+    assert path.is_file() and not list(path.parent.glob(f".{path.name}.*.tmp"))
+    frames, got_fps = media.read_video(path)
+    assert got_fps == pytest.approx(fps)
+    assert frames.shape[1:] == (size, size, 3)
+    assert abs(frames.shape[0] / fps - seconds) <= 0.5 / fps + 1e-6
+    with av.open(str(path)) as c:
+        (v,) = c.streams.video
+        (a,) = c.streams.audio
+        assert v.codec_context.name == "h264" and a.codec_context.name == "aac"
+        assert abs(float(a.duration * a.time_base) - seconds) <= 1 / fps
+
+
+def _run(overrides: list[str], out: Path, capsys) -> tuple[int, list[str]]:
+    """``main``'s error handling in-process: (exit code, stderr lines)."""
+    cfg = _compose("generate", overrides, out)
+    code = 0
+    try:
+        with exit_on_user_error():
+            summary = generate(cfg)
+        code = 2 if summary["failed"] else 0
+    except SystemExit as e:
+        code = int(e.code)
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def test_echomimic_v2_from_a_train_checkpoint_with_its_run_config(runs, inputs, tmp_path):
+    """EchoMimicV2 with pose: the run's .hydra/config.yaml gives the model and its 20 fps; wav at 22.05 kHz stereo."""
+    out = tmp_path / "e.mp4"
+    cfg = _compose("generate", FAST + [f"ckpt_path={runs['echomimic_v2']}", f"ref={inputs / 'ref.png'}",
+                                       f"audio={inputs / 'talk.wav'}", f"pose={inputs / 'pose.npy'}", f"output={out}"],
+                   tmp_path)
+    summary = generate(cfg)
+    assert summary["generated"] == [str(out)]
+    _check_mp4(out, _audio_seconds(inputs / "talk.wav"), fps=20.0)
+
+
+def test_mirrorme_without_pose_from_m4a(runs, inputs, tmp_path):
+    """MirrorMe needs no pose; an AAC m4a (44.1 kHz stereo) drives it; clips on motion frames cover the audio."""
+    out = tmp_path / "m.mp4"
+    cfg = _compose("generate", FAST + ["family=mirrorme", f"ckpt_path={runs['mirrorme']}", f"ref={inputs / 'ref.png'}",
+                                       f"audio={inputs / 'talk.m4a'}", f"output={out}", "guidance_scale=1.0"], tmp_path)
+    generate(cfg)
+    _check_mp4(out, _audio_seconds(inputs / "talk.m4a"), fps=25.0)
+
+
+def test_batch_mode_skips_a_bad_row_and_finished_outputs(runs, inputs, tmp_path, capsys):
+    listing = inputs / "list.txt"
+    listing.write_text("# image audio pose ground-truth\n"
+                       "ref.png talk.wav pose.npy gt_clip.mp4\n"
+                       "not_image.png talk.wav pose.npy\n"
+                       "ref.png\n")
+    out_dir = tmp_path / "outs"
+    args = FAST + [f"ckpt_path={runs['echomimic_v2']}", f"list={listing}", f"output_dir={out_dir}",
+                   "guidance_scale=1.0"]
+    code, err = _run(args, tmp_path, capsys)
+    assert code == 2
+    good = out_dir / "gt_clip.mp4"  # named after the row's ground-truth video
+    _check_mp4(good, _audio_seconds(inputs / "talk.wav"), fps=20.0)
+    assert any("row 3 of list.txt" in ln and "not_image.png" in ln and "not an image" in ln for ln in err), err
+    assert any("row 4 of list.txt" in ln and "expected 2-4 columns" in ln for ln in err), err
+    assert err[-1] == "generated 1, skipped 0 (already done), failed 2"
+    mtime = good.stat().st_mtime_ns
+    code, err = _run(args, tmp_path, capsys)  # re-run: the finished row is skipped, the bad rows fail again
+    assert code == 2 and err[-1] == "generated 0, skipped 1 (already done), failed 2"
+    assert good.stat().st_mtime_ns == mtime
+    assert (out_dir / "summary.json").is_file()
+
+
+BAD = {
+    "not an image": (["ref={d}/not_image.png"], "ref='{d}/not_image.png' is not an image"),
+    "silent audio": (["audio={d}/silent.wav"], "audio='{d}/silent.wav' is silent"),
+    "zero-length audio": (["audio={d}/empty.wav"], "audio='{d}/empty.wav' has no audio samples (zero-length audio)"),
+    "undecodable audio": (["audio={d}/not_image.png"], "audio='{d}/not_image.png': not decodable audio"),
+    "pose shorter than the audio": (["pose={d}/pose_short.npy"], "pose='{d}/pose_short.npy' has 4 frames"),
+    "driving video": (["pose={d}/driving.mp4"], "a driving video is not supported yet"),
+    "no pose for EchoMimicV2": (["pose=null"], "audio-to-pose model, issue 14, not built yet"),
+    "checkpoint of the other family": (["ckpt_path={mirrorme}", "run_config=null"],
+                                       "is a checkpoint of family mirrorme, but this run builds family echomimic_v2"),
+    "missing weights directory": (["ckpt_path=null", "model=echomimic_v2", "paths.pretrained_dir={d}/nothing"],
+                                  "model.autoencoder.path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, runs, inputs, tmp_path, capsys):
+    extra, expected = BAD[case]
+    fill = {"d": inputs, "mirrorme": runs["mirrorme"]}
+    args = FAST + [f"ckpt_path={runs['echomimic_v2']}", f"ref={inputs / 'ref.png'}", f"audio={inputs / 'talk.wav'}",
+                   f"pose={inputs / 'pose.npy'}", f"output={tmp_path / 'x.mp4'}"] + [a.format(**fill) for a in extra]
+    code, err = _run(args, tmp_path, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected.format(**fill) in err[0], err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_pose_policy_hold_holds_the_last_pose(runs, inputs, tmp_path):
+    out = tmp_path / "h.mp4"
+    cfg = _compose("generate", FAST + [f"ckpt_path={runs['echomimic_v2']}", f"ref={inputs / 'ref.png'}",
+                                       f"audio={inputs / 'talk.wav'}", f"pose={inputs / 'pose_short.npy'}",
+                                       "pose_policy=hold", f"output={out}", "guidance_scale=1.0"], tmp_path)
+    generate(cfg)
+    _check_mp4(out, _audio_seconds(inputs / "talk.wav"), fps=20.0)
+
+
+def test_cli_bad_image_one_line_exit_2(runs, inputs, tmp_path):
+    """The real entry point: a file that is not an image fails in one line with exit code 2, before the model."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "halfbody.generate", f"ckpt_path={runs['echomimic_v2']}",
+         f"ref={inputs / 'not_image.png'}", f"audio={inputs / 'talk.wav'}", f"pose={inputs / 'pose.npy'}",
+         f"output={tmp_path / 'x.mp4'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ref=") and "is not an image" in lines[-1]
+    assert "Traceback" not in proc.stderr
