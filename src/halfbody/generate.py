@@ -330,14 +330,33 @@ def _device(cfg: DictConfig) -> torch.device:
     return dev
 
 
-def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def _bf16(cfg: DictConfig, device: torch.device) -> bool:
     precision = str(cfg.get("precision", "auto"))
     if precision not in ("auto", "32", "32-true", "bf16", "bf16-mixed"):
         raise UserError(f"precision={precision!r}: expected auto (bf16-mixed on GPU, 32 on CPU), 32 or bf16-mixed")
-    bf16 = precision.startswith("bf16") or (precision == "auto" and device.type == "cuda")
+    return precision.startswith("bf16") or (precision == "auto" and device.type == "cuda")
+
+
+@contextlib.contextmanager
+def _autocast(model: torch.nn.Module, device: torch.device, bf16: bool) -> Iterator[None]:
+    """bf16 autocast for the denoiser and the autoencoder; the frozen audio encoder stays in fp32 (its mel front end
+    has no bf16 path, and its features are computed once per video)."""
     if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        yield
+        return
+    encoder = model.audio_encoder
+    forward = encoder.forward
+
+    def fp32_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device.type, enabled=False):
+            return forward(*args, **kwargs)
+
+    encoder.forward = fp32_forward
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        del encoder.forward  # back to the class's forward
 
 
 @dataclass
@@ -503,7 +522,7 @@ def _progress(network: torch.nn.Module, total: int, desc: str, enabled: bool) ->
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, c: Conditions, s: Settings, device: torch.device, autocast,
+def sample(model: torch.nn.Module, c: Conditions, s: Settings, device: torch.device, bf16: bool = False,
            progress: bool = True, desc: str = "") -> np.ndarray:
     """The family's own sampling: uint8 ``(F, H, W, 3)``."""
     from halfbody.data.conditions import PoseRenderer
@@ -516,7 +535,7 @@ def sample(model: torch.nn.Module, c: Conditions, s: Settings, device: torch.dev
         pose = PoseRenderer(s.pose_groups, s.score_threshold).render(c.pose_kpts, s.height, s.width)[None].to(device)
     masks = {k: v[None].to(device) for k, v in _face_masks(c, s).items()}
     steps = int(s.steps or model.hparams.num_inference_steps)
-    with autocast:
+    with _autocast(model, device, bf16):
         if s.family == "echomimic_v2":
             from halfbody.echomimic_v2.pipeline import context_windows
 
@@ -598,7 +617,7 @@ def run_job(model, job: Job, s: Settings, device, cfg: DictConfig, desc: str = "
     c = conditions if conditions is not None else prepare(job, s)
     for note in c.notes:
         log.warning(note)
-    frames = sample(model, c, s, device, _autocast(cfg, device), progress=bool(cfg.get("progress", True)), desc=desc)
+    frames = sample(model, c, s, device, _bf16(cfg, device), progress=bool(cfg.get("progress", True)), desc=desc)
     media.write_video(job.output, frames, s.fps, c.audio_out, c.audio_rate)
     return {"frames": int(frames.shape[0]), "seconds": c.audio16.size / media.AUDIO_SAMPLE_RATE}
 
@@ -622,6 +641,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             pending.append(job)
     if pending:
         device = _device(cfg)
+        _bf16(cfg, device)  # a bad precision value fails here, before any work
         plan = plan_model(cfg)
         s = plan.settings
         if not batch:  # single mode: a bad input fails in seconds, before the model is built

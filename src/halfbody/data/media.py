@@ -313,7 +313,17 @@ def read_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
             raise MediaError(f"cannot be read ({type(e).__name__}: {e})") from e
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         return read_wav(data)
-    return read_video_audio(data)
+    samples, rate = read_video_audio(data)
+    try:  # a codec's last frame is padded (AAC: to 1024 samples): keep the stream's own duration when it has one
+        with av.open(_as_file(data), mode="r") as container:
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base:
+                n = int(round(float(stream.duration * stream.time_base) * rate))
+                if 0 < n < samples.shape[0]:
+                    samples = samples[:n]
+    except (av.error.FFmpegError, OSError, ValueError, IndexError):
+        pass
+    return samples, rate
 
 
 def load_audio_file_16k(data: bytes | str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int]:
