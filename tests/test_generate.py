@@ -224,3 +224,29 @@ def test_cli_bad_image_one_line_exit_2(runs, inputs, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ref=") and "is not an image" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_keypoint_crop_frames_the_reference_like_a_training_clip(runs, inputs, tmp_path):
+    """crop=auto with ref_keypoints: the half-body box of the image's keypoints (video_to_shards' crop) becomes the
+    canvas; a centre crop of the same tall image cuts the person elsewhere. Pose keypoints share the geometry."""
+    from halfbody.generate import Job, plan_model, prepare
+
+    kpts = person_keypoints(1)
+    kpts[0, :, 1] = 0.1 + 0.4 * kpts[0, :, 1]  # the person in the top half of a tall 100 x 300 image
+    np.save(tmp_path / "ref_kpts.npy", kpts[0])
+    Image.fromarray(np.full((300, 100, 3), 128, np.uint8)).save(tmp_path / "tall.jpg")
+    cfg = _compose("generate", FAST + [f"ckpt_path={runs['echomimic_v2']}"], tmp_path)
+    settings = plan_model(cfg).settings
+    np.save(tmp_path / "pose10.npy", np.repeat(kpts, 10, axis=0))
+    job = Job(ref=str(tmp_path / "tall.jpg"), audio=str(inputs / "talk.wav"), pose=str(tmp_path / "pose10.npy"),
+              ref_keypoints=str(tmp_path / "ref_kpts.npy"), output=tmp_path / "x.mp4")
+    c = prepare(job, settings)
+    face = c.ref_kpts[0, 23:91, :2]
+    assert c.ref.shape == (3, 32, 32)
+    assert 0 < face[:, 1].min() and face[:, 1].max() < 32 * 0.6  # the head in the upper part of the canvas
+    body = c.ref_kpts[0, :17][c.ref_kpts[0, :17, 2] > 0.3]
+    assert (body[:, :2] >= -0.5).all() and (body[:, :2] <= 32.5).all()  # every visible body keypoint on the canvas
+    np.testing.assert_allclose(c.pose_kpts[0], c.ref_kpts[0], atol=1e-4)  # the pose went through the same crop
+    settings.crop = "center"
+    centre = prepare(job, settings)
+    assert centre.ref_kpts[0, 23:91, 1].max() < 0  # the centre square (rows 100-200) is below the face

@@ -242,11 +242,12 @@ def model_config(cfg: DictConfig) -> tuple[DictConfig, DictConfig, Path | None]:
         if not isinstance(source, DictConfig) or "model" not in source:
             raise UserError(f"run_config={str(run_path)!r} has no model config (expected a train run's "
                             ".hydra/config.yaml)")
-        with open_dict(source):  # the run's own paths resolve against this machine
-            source.paths = cfg.paths
         log.info("model config from the run: %s", run_path)
-    model_cfg = OmegaConf.create(OmegaConf.to_container(source.model, resolve=False))
-    root = OmegaConf.create({"model": model_cfg, "paths": cfg.paths, "data": source.get("data", cfg.data)})
+    # a copy of the whole config (the model's interpolations may name any of its keys), with this machine's paths
+    root = OmegaConf.create(OmegaConf.to_container(source, resolve=False))
+    with open_dict(root):
+        root.pop("hydra", None)
+        root.paths = OmegaConf.create(OmegaConf.to_container(cfg.paths, resolve=True))
     model_cfg = root.model
     with open_dict(model_cfg):
         if "init_checkpoint" in model_cfg:
