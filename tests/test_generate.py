@@ -131,15 +131,17 @@ def _run(overrides: list[str], out: Path, capsys) -> tuple[int, list[str]]:
     return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
 
 
-def test_echomimic_v2_from_a_train_checkpoint_with_its_run_config(runs, inputs, tmp_path):
-    """EchoMimicV2 with pose: the run's .hydra/config.yaml gives the model and its 20 fps; wav at 22.05 kHz stereo."""
+def test_echomimic_v2_from_a_train_checkpoint_with_its_run_config(runs, inputs, tmp_path, capsys):
+    """EchoMimicV2 with pose: the run's .hydra/config.yaml gives the model and its 20 fps; wav at 22.05 kHz stereo;
+    CFG on; the progress bar counts the network passes (1 context window x 1 step)."""
     out = tmp_path / "e.mp4"
     cfg = _compose("generate", FAST + [f"ckpt_path={runs['echomimic_v2']}", f"ref={inputs / 'ref.png'}",
-                                       f"audio={inputs / 'talk.wav'}", f"pose={inputs / 'pose.npy'}", f"output={out}"],
-                   tmp_path)
+                                       f"audio={inputs / 'talk.wav'}", f"pose={inputs / 'pose.npy'}", f"output={out}",
+                                       "progress=true"], tmp_path)
     summary = generate(cfg)
     assert summary["generated"] == [str(out)]
     _check_mp4(out, _audio_seconds(inputs / "talk.wav"), fps=20.0)
+    assert "1/1" in capsys.readouterr().err
 
 
 def test_mirrorme_without_pose_from_m4a(runs, inputs, tmp_path):
@@ -148,7 +150,8 @@ def test_mirrorme_without_pose_from_m4a(runs, inputs, tmp_path):
     cfg = _compose("generate", FAST + ["family=mirrorme", f"ckpt_path={runs['mirrorme']}", f"ref={inputs / 'ref.png'}",
                                        f"audio={inputs / 'talk.m4a'}", f"output={out}", "guidance_scale=1.0"], tmp_path)
     generate(cfg)
-    _check_mp4(out, _audio_seconds(inputs / "talk.m4a"), fps=25.0)
+    assert _audio_seconds(inputs / "talk.m4a") == pytest.approx(0.4, abs=1e-4)  # AAC's end padding is not audio
+    _check_mp4(out, 0.4, fps=25.0)
 
 
 def test_batch_mode_skips_a_bad_row_and_finished_outputs(runs, inputs, tmp_path, capsys):
