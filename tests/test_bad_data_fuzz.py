@@ -14,8 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from shard_utils import (
     BREAKAGES,
     REPAIRS,
@@ -27,8 +25,8 @@ from shard_utils import (
     write_shard,
 )
 
+from config_utils import compose_train
 from halfbody.train import train
-from halfbody.utils.hydra import CONFIG_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -79,14 +77,7 @@ def corrupt_shards(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, st
     return d, expected, repaired, total
 
 
-def _compose(overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.log_dir = str(out)
-        del cfg.hydra
-    return cfg
+_compose = compose_train
 
 
 @pytest.mark.parametrize("family, workers", [("echomimic_v2", 2), ("mirrorme", 0)])

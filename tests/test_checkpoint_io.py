@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from halfbody.utils.checkpoint_io import (AtomicCheckpointIO, check_checkpoint_family, checkpoint_family,
                                           inspect_checkpoint, previous_good_checkpoint)
 from halfbody.utils.errors import UserError
-from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT
+from halfbody.utils.hydra import CONFIG_DIR
 
 
 def _state(step: int, n: int = 50_000) -> dict:

@@ -18,20 +18,19 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from config_utils import compose_train
 from halfbody.train import train
 from halfbody.utils.errors import UserError, exit_on_user_error
-from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT, quote_brace_patterns
+from halfbody.utils.hydra import REPO_ROOT, quote_brace_patterns
 from halfbody.utils.startup_checks import check_config
 
 from shard_utils import make_sample, write_shard
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=["logger=none", *overrides])
+    return compose_train(["logger=none", *overrides])
 
 
 def _check(overrides: list[str]) -> str:

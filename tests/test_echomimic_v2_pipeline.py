@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from config_utils import compose_train
 from halfbody.echomimic_v2.pipeline import (SamplerSettings, context_windows, sample_with_windows, step_windows)
 from halfbody.models.schedulers import VPredictionDDIM, alpha_bar_at, pseudo_velocity, x0_from_velocity
-from halfbody.utils.hydra import CONFIG_DIR
 
 # configs/inference/inference_v2.yaml, noise_scheduler_kwargs
 RELEASE_SCHEDULER_KWARGS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
@@ -204,9 +203,7 @@ def test_sampler_settings_reject_bad_values():
 
 
 # ------------------------------------------------------------------------------------------ the module
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+_compose = compose_train
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from config_utils import compose_train
 from halfbody.train import train
 from halfbody.utils.hydra import CONFIG_DIR
 
@@ -21,9 +21,7 @@ TABLE2_ABLATIONS = {"no_initial_pose", "no_iterative_pose_sampling", "no_spatial
                     "no_pose_loss", "no_detail_loss", "no_low_loss", "straightforward_baseline"}
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+_compose = compose_train
 
 
 def test_stages_full_run_and_every_table2_ablation_exist():

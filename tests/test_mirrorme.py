@@ -7,20 +7,18 @@ from __future__ import annotations
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from config_utils import compose_train
 from halfbody.data.datamodule import HalfBodyDataModule
 from halfbody.mirrorme.audio_adapter import AudioAdapter
 from halfbody.mirrorme.causal_audio_encoder import CausalAudioEncoder, causal_frame_groups
 from halfbody.mirrorme.face_mask import latent_face_mask, static_face_mask
 from halfbody.mirrorme.transformer import token_coordinates, token_timesteps
 from halfbody.models.flow_matching import RectifiedFlow, shift_timesteps
-from halfbody.utils.hydra import CONFIG_DIR
 
 
 def _model(overrides: list[str] | None = None):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=mirrorme_tiny", *(overrides or [])])
+    cfg = compose_train(["model=mirrorme_tiny", *(overrides or [])])
     torch.manual_seed(0)
     return hydra.utils.instantiate(cfg.model)
 

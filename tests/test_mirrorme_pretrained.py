@@ -7,10 +7,9 @@ from __future__ import annotations
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from halfbody.utils.hydra import CONFIG_DIR
+from config_utils import compose_train
 from pretrained_parts import save_tiny_ltx_vae
 
 # the paper-scale network config with widths cut to the tiny saved parts (the classes and loading path are the same)
@@ -20,8 +19,7 @@ SMALL = ["model.network.adapter_heads=2", "model.network.adapter_head_dim=8", "m
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=["experiment=mirrorme_stage2", *overrides])
+    return compose_train(["experiment=mirrorme_stage2", *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from types import SimpleNamespace
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from lightning.pytorch import Callback
 from omegaconf import open_dict
 
+from config_utils import compose_train
 from halfbody.data.conditions import PoseRenderer
 from halfbody.phases import Curriculum, CurriculumCallback, LinearSchedule, PhaseSpec
 from halfbody.train import train
-from halfbody.utils.hydra import CONFIG_DIR
 
 # A small synthetic world (8 train clips, 2 of them headshots) that the datamodule's prepare step generates.
 WORLD = ["data.prepare.train_clips=8", "data.prepare.val_clips=2", "data.prepare.num_identities=4",
@@ -57,15 +56,7 @@ EXPECTED = [  # per global step: phase index, pose dropout, audio region, pose p
 ]
 
 
-def _compose(overrides: list[str], out: Path | None = None):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        if out is not None:
-            cfg.paths.output_dir = str(out)
-            cfg.paths.log_dir = str(out)
-        del cfg.hydra
-    return cfg
+_compose = compose_train
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and equal to what the model computes on the fly."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from data_pipelines.precompute_audio_features import main

@@ -8,15 +8,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from config_utils import compose_train
 from halfbody.data.datamodule import HalfBodyDataModule
-from halfbody.models.pretrained import PretrainedNotFoundError
 from halfbody.utils.hydra import CONFIG_DIR
 
 
 def _model_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=echomimic_v2", *overrides])
-    return cfg.model
+    return compose_train(["model=echomimic_v2", *overrides]).model
 
 
 def test_missing_pretrained_dirs_name_the_config_key(tmp_path):

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
+from config_utils import compose_train
 from halfbody.train import train
-from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT
+from halfbody.utils.hydra import REPO_ROOT
 
 # Small-but-real settings shared by the runs below: the tiny preset on a small synthetic world.
 FAST = [
@@ -38,14 +38,7 @@ def world(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def _compose(overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.log_dir = str(out)
-        del cfg.hydra  # only the launcher resolves it
-    return cfg
+_compose = compose_train
 
 
 def test_default_config_composes_to_tiny_echomimic_on_synthetic_world(tmp_path):
