@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline official-parity clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-world:  ## synthetic world generation speed
 
 bench-pipeline:  ## video_to_shards speed without the pose model (clips per minute per core)
 	$(PY) benchmarks/video_to_shards_speed.py --videos data/bench_pipeline_videos
+
+official-parity:  ## ~3 min CPU: our EchoMimicV2 vs the official code on the same random weights (OFFICIAL=<checkout>)
+	@test -n "$(OFFICIAL)" || { echo "error: OFFICIAL is not set: make official-parity OFFICIAL=<a checkout of antgroup/echomimic_v2>" >&2; exit 2; }
+	WANDB_MODE=disabled $(PY) benchmarks/official_parity.py --official "$(OFFICIAL)" $(ARGS)
 
 clean:
 	rm -rf logs multirun outputs .pytest_cache
