@@ -253,3 +253,34 @@ def test_keypoint_crop_frames_the_reference_like_a_training_clip(runs, inputs, t
     settings.crop = "center"
     centre = prepare(job, settings)
     assert centre.ref_kpts[0, 23:91, 1].max() < 0  # the centre square (rows 100-200) is below the face
+
+
+def test_the_checkpoints_curriculum_phase_sets_pose_groups_and_audio_region(runs, inputs, tmp_path):
+    """A run with a curriculum: generation uses the phase the checkpoint was taken in (its CurriculumCallback state),
+    here a lips phase (pose map without lips, audio through the lips mask drawn from the pose keypoints)."""
+    import torch
+
+    from halfbody.generate import build_model, plan_model
+
+    src = runs["echomimic_v2"]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt["callbacks"] = {"CurriculumCallback": {"phase_index": 0, "phase_name": "lips", "global_step": 2}}
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    run_cfg = OmegaConf.load(src.parent.parent / ".hydra" / "config.yaml")
+    run_cfg.callbacks = {"curriculum": {"phases": [
+        {"name": "lips", "steps": 1, "trainable": ["denoising_unet"], "pose_groups": "no_lips", "audio_region": "lips"},
+        {"name": "hands", "steps": 1, "trainable": ["denoising_unet"], "pose_groups": "hands", "audio_region": "global"},
+    ]}}
+    (run / ".hydra").mkdir()
+    OmegaConf.save(run_cfg, run / ".hydra" / "config.yaml")
+    out = tmp_path / "lips.mp4"
+    cfg = _compose("generate", FAST + [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"ref={inputs / 'ref.png'}",
+                                       f"audio={inputs / 'talk.wav'}", f"pose={inputs / 'pose.npy'}", f"output={out}",
+                                       "guidance_scale=1.0"], tmp_path)
+    plan = plan_model(cfg)
+    assert plan.settings.pose_groups == "no_lips"
+    assert build_model(plan).audio_region == "lips"
+    generate(cfg)
+    _check_mp4(out, _audio_seconds(inputs / "talk.wav"), fps=20.0)

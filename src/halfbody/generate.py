@@ -268,12 +268,24 @@ def model_config(cfg: DictConfig) -> tuple[DictConfig, DictConfig, Path | None]:
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 0:
                 raise UserError(f"guidance_scale={g!r}: expected a number >= 0 (1: no classifier-free guidance)")
             model_cfg.guidance_scale = float(g)
-        if cfg.get("audio_region"):
-            model_cfg.audio_region = cfg.audio_region
-    return model_cfg, source, run_path
+    return model_cfg, root, run_path
 
 
-def settings_from(cfg: DictConfig, source: DictConfig, family: str) -> Settings:
+def checkpoint_phase(source: DictConfig, ckpt: dict | None) -> tuple[int, dict] | None:
+    """The curriculum phase the checkpoint was taken in (its ``CurriculumCallback`` state, matched by name), else the
+    run's last phase; None when the run has no curriculum."""
+    phases = _select(source, "callbacks.curriculum.phases", None)
+    if not isinstance(phases, list) or not phases:
+        return None
+    names = [ph.get("name") if isinstance(ph, dict) else None for ph in phases]
+    for state in ((ckpt or {}).get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("phase_name") in names:
+            i = names.index(state["phase_name"])
+            return i, phases[i]
+    return len(phases) - 1, phases[-1]
+
+
+def settings_from(cfg: DictConfig, source: DictConfig, family: str, phase: dict | None = None) -> Settings:
     from halfbody.data.conditions import DEFAULT_MASK_MARGINS
     from halfbody.data.transforms import parse_resolution
 
@@ -287,15 +299,12 @@ def settings_from(cfg: DictConfig, source: DictConfig, family: str) -> Settings:
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
     pose_groups = cfg.get("pose_groups")
-    if pose_groups is None:  # the run's last curriculum phase that sets them, else the data config
-        phases = _select(source, "callbacks.curriculum.phases", None) or []
-        for phase in reversed(phases if isinstance(phases, list) else []):
-            if isinstance(phase, dict) and phase.get("pose_groups") is not None:
-                pose_groups = phase["pose_groups"]
-                break
+    if pose_groups is None and phase is not None:  # the checkpoint's curriculum phase, else the data config
+        pose_groups = phase.get("pose_groups")
     if pose_groups is None:
         pose_groups = _select(data, "condition.pose_groups", "full")
-    margins = {**DEFAULT_MASK_MARGINS, **(_select(data, "condition.mask_margins", None) or {})}
+    margins = {**DEFAULT_MASK_MARGINS, **(_select(data, "condition.mask_margins", None) or {}),
+               **(((phase or {}).get("data") or {}).get("mask_margins") or {})}
     clip_frames = cfg.get("clip_frames") or _select(data, "num_frames", 9)
     policy = str(cfg.get("pose_policy", "refuse"))
     if policy not in ("refuse", "hold"):
@@ -368,6 +377,8 @@ class ModelPlan:
     settings: Settings
     ckpt_path: str | None
     ckpt: dict | None
+    phase: tuple[int, dict] | None = None  # (index, phase config) the checkpoint was trained in
+    audio_region: str | None = None  # generate's override
 
 
 def plan_model(cfg: DictConfig) -> ModelPlan:
@@ -383,7 +394,9 @@ def plan_model(cfg: DictConfig) -> ModelPlan:
         raise UserError(f"model._target_={target!r}: not a halfbody model family ({', '.join(FAMILIES)})")
     if ckpt is not None:
         check_checkpoint_family(ckpt, ckpt_path, "ckpt_path", target)
-    return ModelPlan(model_cfg, settings_from(cfg, source, family), ckpt_path, ckpt)
+    phase = checkpoint_phase(source, ckpt)
+    settings = settings_from(cfg, source, family, phase[1] if phase else None)
+    return ModelPlan(model_cfg, settings, ckpt_path, ckpt, phase, cfg.get("audio_region") or None)
 
 
 def build_model(plan: ModelPlan) -> torch.nn.Module:
@@ -404,6 +417,22 @@ def build_model(plan: ModelPlan) -> torch.nn.Module:
         plan.ckpt = None
     else:
         log.warning("no ckpt_path: generating with the model config's own weights (%s)", target)
+    if plan.phase is not None:  # the phase's muted groups and audio region, as in training
+        from halfbody.phases.spec import PhaseSpec
+
+        index, phase = plan.phase
+        try:
+            spec = PhaseSpec.from_config(phase, index)
+            model.apply_phase(spec)
+        except ValueError as e:
+            raise UserError(f"run_config: phase {phase.get('name')!r} does not apply to the model: {e}") from None
+        log.info("phase %r of the run: audio_region=%s, muted=%s, pose groups %s", spec.name, model.audio_region,
+                 sorted(model.muted_groups), plan.settings.pose_groups)
+    if plan.audio_region:
+        try:
+            model.audio_region = plan.audio_region
+        except ValueError as e:
+            raise UserError(f"audio_region={plan.audio_region!r}: {e}") from None
     model.eval().requires_grad_(False)
     return model
 
