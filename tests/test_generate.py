@@ -260,7 +260,7 @@ def test_the_checkpoints_curriculum_phase_sets_pose_groups_and_audio_region(runs
     here a lips phase (pose map without lips, audio through the lips mask drawn from the pose keypoints)."""
     import torch
 
-    from halfbody.generate import build_model, plan_model
+    from halfbody.generate import build_model, jobs_from, plan_model, run_job
 
     src = runs["echomimic_v2"]
     run = tmp_path / "run"
@@ -281,6 +281,8 @@ def test_the_checkpoints_curriculum_phase_sets_pose_groups_and_audio_region(runs
                                        "guidance_scale=1.0"], tmp_path)
     plan = plan_model(cfg)
     assert plan.settings.pose_groups == "no_lips"
-    assert build_model(plan).audio_region == "lips"
-    generate(cfg)
+    model = build_model(plan)
+    assert model.audio_region == "lips"
+    (job,), _, _ = jobs_from(cfg)
+    run_job(model, job, plan.settings, torch.device("cpu"), cfg)
     _check_mp4(out, _audio_seconds(inputs / "talk.wav"), fps=20.0)

@@ -682,10 +682,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             summary["generated"].append(str(job.output))
             log.info("wrote %s (%d frames, %.2f s at %g fps)", job.output, info["frames"], info["seconds"], s.fps)
         else:
-            model = build_model(plan).to(device)
+            model = None  # built at the first row whose inputs are good
             for i, job in enumerate(pending, start=1):
                 try:
-                    info = run_job(model, job, s, device, cfg, desc=f"{i}/{len(pending)} {job.output.name}")
+                    c = prepare(job, s)
+                    if model is None:
+                        model = build_model(plan).to(device)
+                    info = run_job(model, job, s, device, cfg, desc=f"{i}/{len(pending)} {job.output.name}",
+                                   conditions=c)
                 except (UserError, media.MediaError) as e:
                     line = str(e) if str(e).startswith(job.where) else f"{job.where}: {e}"
                     summary["failed"].append(line)
