@@ -187,6 +187,9 @@ BAD = {
     "no pose for EchoMimicV2": (["pose=null"], "audio-to-pose model, issue 14, not built yet"),
     "checkpoint of the other family": (["ckpt_path={mirrorme}", "run_config=null"],
                                        "is a checkpoint of family mirrorme, but this run builds family echomimic_v2"),
+    "resolution the autoencoder cannot take": (["resolution=30"], "resolution=[30, 30]: the model's autoencoder needs"),
+    "MirrorMe clip length": (["family=mirrorme", "ckpt_path={mirrorme}", "clip_frames=12"],
+                             "clip_frames=12: MirrorMe's causal autoencoder needs 1 + k*8 frames"),
     "missing weights directory": (["ckpt_path=null", "model=echomimic_v2", "paths.pretrained_dir={d}/nothing"],
                                   "model.autoencoder.path"),
 }

@@ -95,12 +95,13 @@ def _exists(path: str, key: str) -> Path:
 
 def load_image(path: str, key: str = "ref") -> np.ndarray:
     """An RGB uint8 ``(H, W, 3)`` image; a file that is not an image is a one-line ``UserError``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = _exists(path, key)
     try:
         with Image.open(p) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)  # phone photos: upright as displayed
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -396,7 +397,28 @@ def plan_model(cfg: DictConfig) -> ModelPlan:
         check_checkpoint_family(ckpt, ckpt_path, "ckpt_path", target)
     phase = checkpoint_phase(source, ckpt)
     settings = settings_from(cfg, source, family, phase[1] if phase else None)
+    check_geometry(settings, model_cfg)
     return ModelPlan(model_cfg, settings, ckpt_path, ckpt, phase, cfg.get("audio_region") or None)
+
+
+def check_geometry(s: Settings, model_cfg: DictConfig) -> None:
+    """The resolution (and MirrorMe's clip length) the autoencoder can take, asked of its config (no weights)."""
+    from halfbody.utils.startup_checks import autoencoder_factors
+
+    factors = autoencoder_factors(_plain(model_cfg.get("autoencoder")))
+    if factors is None:
+        return
+    spatial, temporal = factors
+    if s.height % spatial or s.width % spatial:
+        raise UserError(f"resolution=[{s.height}, {s.width}]: the model's autoencoder needs sides divisible by {spatial}")
+    if s.family == "mirrorme":
+        if s.clip_frames < 1 + temporal or (s.clip_frames - 1) % temporal:
+            raise UserError(f"clip_frames={s.clip_frames}: MirrorMe's causal autoencoder needs 1 + k*{temporal} frames "
+                            f"per clip, k >= 1 (e.g. {1 + temporal}, {1 + 2 * temporal})")
+        latent = 1 + (s.clip_frames - 1) // temporal
+        if not 1 <= s.motion_latent_frames < latent:
+            raise UserError(f"motion_latent_frames={s.motion_latent_frames}: expected 1 to {latent - 1} for "
+                            f"{s.clip_frames}-frame clips")
 
 
 def build_model(plan: ModelPlan) -> torch.nn.Module:
