@@ -307,6 +307,9 @@ def settings_from(cfg: DictConfig, source: DictConfig, family: str, phase: dict 
     margins = {**DEFAULT_MASK_MARGINS, **(_select(data, "condition.mask_margins", None) or {}),
                **(((phase or {}).get("data") or {}).get("mask_margins") or {})}
     clip_frames = cfg.get("clip_frames") or _select(data, "num_frames", 9)
+    pose_fps = cfg.get("pose_fps")
+    if pose_fps is not None and (isinstance(pose_fps, bool) or not isinstance(pose_fps, (int, float)) or not pose_fps > 0):
+        raise UserError(f"pose_fps={pose_fps!r}: expected the pose sequence's frame rate (> 0), or null for fps")
     policy = str(cfg.get("pose_policy", "refuse"))
     if policy not in ("refuse", "hold"):
         raise UserError(f"pose_policy={policy!r}: expected refuse (a pose shorter than the audio is an error) or hold "
@@ -322,7 +325,7 @@ def settings_from(cfg: DictConfig, source: DictConfig, family: str, phase: dict 
         family=family, fps=float(fps), height=h, width=w, pose_groups=_plain(pose_groups), mask_margins=margins,
         score_threshold=float(_select(data, "score_threshold", 0.3) or 0.3), target_head_box=tuple(thb),
         clip_frames=int(clip_frames), motion_latent_frames=int(cfg.get("motion_latent_frames") or 1),
-        pose_fps=cfg.get("pose_fps"), pose_policy=policy, crop=crop,
+        pose_fps=pose_fps, pose_policy=policy, crop=crop,
         silence_dbfs=float(cfg.get("silence_dbfs", -60.0)), seed=int(cfg.get("seed") or 0),
         steps=cfg.get("steps"), guidance_scale=cfg.get("guidance_scale"))
 
