@@ -156,12 +156,14 @@ def sample_with_windows(denoise_fn: WindowDenoiseFn, scheduler: VPredictionDDIM,
     with_uncond = guidance_scale != 1.0
     base = context_windows(nf, settings.context_frames, settings.context_overlap)
     alphas_cumprod = scheduler.scheduler.alphas_cumprod.to(x.device)
+    # windows are blended in float32 at least (half-precision runs), in float64 when the latents are float64
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
     for i, t in enumerate(sched.timesteps):
         t_int = int(t)
         t_batch = torch.full((b,), t_int, device=x.device, dtype=torch.long)
         branches = 2 if with_uncond else 1
-        total = torch.zeros((branches, *x.shape), device=x.device, dtype=torch.float32)
-        count = torch.zeros((nf,), device=x.device, dtype=torch.float32)
+        total = torch.zeros((branches, *x.shape), device=x.device, dtype=acc_dtype)
+        count = torch.zeros((nf,), device=x.device, dtype=acc_dtype)
         for w in step_windows(base, i, settings.context_shift, nf):
             x_w = x[:, w]
             preds = _as_branches(denoise_fn(x_w, t_batch, w, with_uncond), with_uncond)
@@ -169,7 +171,7 @@ def sample_with_windows(denoise_fn: WindowDenoiseFn, scheduler: VPredictionDDIM,
                 preds = [pseudo_velocity(x_w, x0_from_velocity(p, x_w, alphas_cumprod, t_batch), alphas_cumprod,
                                          t_batch, torch.full_like(t_batch, -1)) for p in preds]
             for branch, p in enumerate(preds):
-                total[branch][:, w] += p.float()
+                total[branch][:, w] += p.to(acc_dtype)
             count[w] += 1
         v = total / count.view(1, 1, nf, 1, 1, 1)
         v = apply_cfg(v[0], v[1], guidance_scale) if with_uncond else v[0]
