@@ -388,8 +388,12 @@ def one_forward(official: Official, off: dict, ours: dict, seed: int, cfg_batch:
 
 
 def sampling(official: Official, off: dict, ours: dict, inputs: dict, variant: str, bank: torch.dtype | None,
-             seed: int, steps: int = 6) -> dict[str, Any]:
-    """One full sampling run of the official pipeline and ours on the same inputs and initial noise."""
+             seed: int, steps: int = 6, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """One full sampling run of the official pipeline and ours on the same inputs and initial noise.
+
+    ``bank``: the official reference bank's dtype (``None``: as released, float16). ``dtype=torch.float64`` (the
+    modules must be in it): both run in float64 and ours is fed the official audio features (whisper runs in
+    float32 on both sides), so the sampler and network arithmetic are compared without float32 rounding."""
     from diffusers import DDIMScheduler
     from PIL import Image
 
@@ -417,25 +421,32 @@ def sampling(official: Official, off: dict, ours: dict, inputs: dict, variant: s
     ref_pil = Image.open(inputs["ref"]).convert("RGB").resize((SIZE, SIZE))
     t0 = time.perf_counter()
     with official.bank_dtype(bank), contextlib.redirect_stdout(sys.stderr):
-        video_off = pipe(ref_pil, str(inputs["wav"]), inputs["poses"], SIZE, SIZE, FRAMES, steps, cfg,
+        video_off = pipe(ref_pil, str(inputs["wav"]), inputs["poses"].to(dtype), SIZE, SIZE, FRAMES, steps, cfg,
                          generator=torch.Generator().manual_seed(seed), context_frames=12, context_overlap=3,
                          fps=FPS).videos  # (1, 3, F, H, W) in [0, 1]
     t_off = time.perf_counter() - t0
 
     ours_pipe = EchoMimicV2Pipeline(ours["network"], ours["scheduler"], ours["sampler"][variant], ours["autoencoder"])
-    ref = torch.from_numpy(np.asarray(ref_pil, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    ref = torch.from_numpy(np.asarray(ref_pil, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].to(dtype)
     samples = torch.from_numpy(__import__("halfbody.data.media", fromlist=["x"]).load_audio_16k(inputs["wav"]))[None]
     t0 = time.perf_counter()
     with torch.no_grad():
-        feats = ours["audio"](samples, num_frames=FRAMES, fps=FPS)
+        if dtype == torch.float32:
+            feats = ours["audio"](samples, num_frames=FRAMES, fps=FPS)
+        else:
+            guider = off["audio_guider"]
+            with contextlib.redirect_stdout(sys.stderr):
+                chunks = guider.feature2chunks(feature_array=guider.audio2feat(str(inputs["wav"])), fps=FPS)
+            feats = torch.from_numpy(chunks)[None, :FRAMES].to(dtype)
         ref_latents = ours["autoencoder"].encode_image(ref)
-        latents = ours_pipe.sample_latents(ref_latents, feats, inputs["poses"].permute(0, 2, 1, 3, 4), FRAMES,
+        latents = ours_pipe.sample_latents(ref_latents, feats, inputs["poses"].permute(0, 2, 1, 3, 4).to(dtype), FRAMES,
                                            num_inference_steps=steps, guidance_scale=cfg,
                                            latents=captured["noise"].permute(0, 2, 1, 3, 4))
         video = ours["autoencoder"].decode(latents)  # (1, F, 3, H, W) in [-1, 1]
     t_ours = time.perf_counter() - t0
     return {"variant": variant, "steps": steps, "guidance_scale": cfg,
-            "bank": "as released (float16)" if bank is None else "float32 (shim)",
+            "dtype": str(dtype).replace("torch.", ""),
+            "bank": "as released (float16)" if bank is None else f"{str(bank).replace('torch.', '')} (shim)",
             "latents": diff(latents, captured["latents"].permute(0, 2, 1, 3, 4)),
             "frames": diff((video.permute(0, 2, 1, 3, 4) + 1) / 2, video_off),
             "seconds": {"official": round(t_off, 2), "ours": round(t_ours, 2)}}
@@ -444,7 +455,7 @@ def sampling(official: Official, off: dict, ours: dict, inputs: dict, variant: s
 # ----------------------------------------------------------------------------------------------------- main
 
 
-def run(root: Path, commit: str, seed: int) -> dict[str, Any]:
+def run(root: Path, commit: str, seed: int, steps64: int = 6) -> dict[str, Any]:
     official = Official(root)
     report: dict[str, Any] = {
         "official_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -471,6 +482,10 @@ def run(root: Path, commit: str, seed: int) -> dict[str, Any]:
         report["forward_float64"] = one_forward(official, off, ours, seed, cfg_batch=False, dtype=torch.float64)
         report["forward_cfg_batch_float64"] = one_forward(official, off, ours, seed, cfg_batch=True,
                                                           dtype=torch.float64)
+        off["vae"].double()
+        ours["autoencoder"].double()
+        report["sampling"] += [sampling(official, off, ours, inputs, v, torch.float64, seed, steps=steps64,
+                                        dtype=torch.float64) for v in ("release", "release_acc")]
     return report
 
 
@@ -487,7 +502,7 @@ def format_report(r: dict[str, Any]) -> str:
              row("one UNet forward, reference bank, float64", r["forward_float64"], 1e-4),
              row("one UNet forward, CFG batch, float64", r["forward_cfg_batch_float64"], 1e-4)]
     for s in r["sampling"]:
-        name = f"{s['steps']}-step {s['variant']} CFG {s['guidance_scale']:g}, official bank {s['bank']}"
+        name = f"{s['steps']}-step {s['variant']} CFG {s['guidance_scale']:g}, {s['dtype']}, official bank {s['bank']}"
         lines.append(row(name + ": latents", s["latents"], 1e-3))
         lines.append(row(name + ": frames [0, 1]", s["frames"], 1e-3))
     return "\n".join(lines)
@@ -499,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--steps64", type=int, default=6, help="steps of the float64 sampling runs (default 6)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         root, commit = check_checkout(args.official)
@@ -508,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
-    report = run(root, commit, args.seed)
+    report = run(root, commit, args.seed, args.steps64)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     print(format_report(report))
     print(f"total {report['total_seconds']} s")
