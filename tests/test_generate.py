@@ -22,6 +22,7 @@ from halfbody.generate import generate
 from halfbody.utils.errors import exit_on_user_error
 from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT
 from shard_utils import person_keypoints
+from test_pretrained_presets import pretrained_dir  # noqa: F401  (fixture: tiny pretrained parts on disk)
 
 TRAIN = ["logger=none", "~callbacks.sample_videos", "trainer.max_steps=2", "trainer.val_check_interval=2",
          "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=1",
@@ -289,3 +290,26 @@ def test_the_checkpoints_curriculum_phase_sets_pose_groups_and_audio_region(runs
     (job,), _, _ = jobs_from(cfg)
     run_job(model, job, plan.settings, torch.device("cpu"), cfg)
     _check_mp4(out, _audio_seconds(inputs / "talk.wav"), fps=20.0)
+
+
+@pytest.mark.slow
+def test_generate_from_the_released_weights_without_a_checkpoint(inputs, pretrained_dir, tmp_path):
+    """No ckpt_path: model=echomimic_v2 model/network=echomimic_v2_official builds from (tiny, random) files with the
+    release's names and layout (denoising_unet.pth, ..., audio_processor/tiny.pt, sd-vae-ft-mse/) and generates."""
+    import torch
+    from test_echomimic_v2_official import release_files
+
+    from halfbody.echomimic_v2.network import tiny_unet_config
+
+    root = pretrained_dir  # tiny sd-image-variations UNet config, sd-vae-ft-mse, the release's tiny.pt
+    files = release_files(seed=7, unet=dict(tiny_unet_config(latent_channels=4)), audio_dim=32,
+                          pose_widths=(8, 16, 32))
+    for name, sd in files.items():
+        torch.save(sd, root / "EchoMimicV2" / name)
+    out = tmp_path / "release.mp4"
+    cfg = _compose("generate", FAST + ["ckpt_path=null", "model=echomimic_v2", "model/network=echomimic_v2_official",
+                                       f"paths.pretrained_dir={root}", f"ref={inputs / 'ref.png'}",
+                                       f"audio={inputs / 'talk.wav'}", f"pose={inputs / 'pose.npy'}",
+                                       f"output={out}", "sampler=release_acc"], tmp_path)
+    generate(cfg)
+    _check_mp4(out, _audio_seconds(inputs / "talk.wav"), fps=25.0)

@@ -253,6 +253,8 @@ def model_config(cfg: DictConfig) -> tuple[DictConfig, DictConfig, Path | None]:
     with open_dict(model_cfg):
         if "init_checkpoint" in model_cfg:
             model_cfg.init_checkpoint = None  # the checkpoint's weights are loaded below
+        if "phd_loss" in model_cfg:
+            model_cfg.phd_loss = None  # a training loss: its extractors' weights are not needed to sample
         target = str(model_cfg.get("_target_", ""))
         if cfg.get("sampler"):
             if not target.endswith("EchoMimicV2Module"):
@@ -447,7 +449,7 @@ def build_model(plan: ModelPlan) -> torch.nn.Module:
 
         index, phase = plan.phase
         try:
-            spec = PhaseSpec.from_config(phase, index)
+            spec = PhaseSpec.from_config({k: v for k, v in phase.items() if k != "losses"}, index)  # no loss here
             model.apply_phase(spec)
         except ValueError as e:
             raise UserError(f"run_config: phase {phase.get('name')!r} does not apply to the model: {e}") from None
