@@ -191,6 +191,8 @@ BAD = {
     "resolution the autoencoder cannot take": (["resolution=30"], "resolution=[30, 30]: the model's autoencoder needs"),
     "MirrorMe clip length": (["family=mirrorme", "ckpt_path={mirrorme}", "clip_frames=12"],
                              "clip_frames=12: MirrorMe's causal autoencoder needs 1 + k*8 frames"),
+    "checkpoint that does not fit the model config": (["run_config=null", "model/audio_encoder=whisper_random_tiny_release"],
+                                                       "its weights do not fit the model config"),
     "missing weights directory": (["ckpt_path=null", "model=echomimic_v2", "paths.pretrained_dir={d}/nothing"],
                                   "model.autoencoder.path"),
 }

@@ -432,7 +432,13 @@ def build_model(plan: ModelPlan) -> torch.nn.Module:
     log.info("model <%s>", target)
     model = hydra.utils.instantiate(plan.model_cfg)
     if plan.ckpt is not None:
-        result = model.load_state_dict(plan.ckpt["state_dict"], strict=False)
+        try:
+            result = model.load_state_dict(plan.ckpt["state_dict"], strict=False)
+        except RuntimeError as e:  # tensors of other shapes
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise UserError(f"ckpt_path={str(plan.ckpt_path)!r}: its weights do not fit the model config ({target}): "
+                            f"{detail}; give the run's config with run_config=<run>/.hydra/config.yaml or the preset "
+                            "it was trained with (model=...)") from None
         if result.missing_keys or result.unexpected_keys:
             parts = []
             for name, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
