@@ -21,6 +21,7 @@ from halfbody.data import media
 from halfbody.generate import generate
 from halfbody.utils.errors import exit_on_user_error
 from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT
+from config_utils import compose_train
 from shard_utils import person_keypoints
 from test_pretrained_presets import pretrained_dir  # noqa: F401  (fixture: tiny pretrained parts on disk)
 
@@ -32,6 +33,7 @@ FAST = ["steps=1", "progress=false", "resolution=32"]  # 32 x 32: a few seconds 
 
 
 def _compose(config: str, overrides: list[str], out: Path):
+    """``conf/<config>.yaml`` (here ``generate``) with ``overrides``, writing under ``out``."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
@@ -54,7 +56,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for family, extra in (("echomimic_v2", ["data.fps=20"]), ("mirrorme", [])):
         GlobalHydra.instance().clear()
         run = tmp_path_factory.mktemp(family)
-        cfg = _compose("train", TRAIN + extra + [f"family={family}", f"paths.data_dir={data}"], run)
+        cfg = compose_train(TRAIN + extra + [f"family={family}", f"paths.data_dir={data}"], run)
         train(cfg)
         if family == "echomimic_v2":
             (run / ".hydra").mkdir()

@@ -571,7 +571,8 @@ def _progress(network: torch.nn.Module, total: int, desc: str, enabled: bool) ->
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True)
+    # every pass is shown (a pass takes far longer than drawing the bar)
+    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True, mininterval=0, miniters=1)
 
     def count(*_: Any) -> None:  # returns None: a forward hook's return value would replace the output
         bar.update(1)
