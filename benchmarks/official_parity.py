@@ -400,7 +400,7 @@ def sampling(official: Official, off: dict, ours: dict, inputs: dict, variant: s
     from halfbody.echomimic_v2.pipeline import EchoMimicV2Pipeline
 
     conf = _sampler_conf(variant)
-    cfg = conf["cfg"]  # the preset's CFG (release 2.5, release_acc 1.0); steps: 6 for both (release: 30 / 6)
+    cfg = conf["cfg"]  # the preset's CFG (release 2.5, release_acc 1.0); steps: --steps (release: 30 / 6)
     sched = DDIMScheduler(**official.infer_cfg.noise_scheduler_kwargs)  # as infer.py builds it
     cls = official.PipelineAcc if variant == "release_acc" else official.Pipeline
     pipe = cls(vae=off["vae"], reference_unet=off["reference_unet"], denoising_unet=off["denoising_unet"],
@@ -455,7 +455,7 @@ def sampling(official: Official, off: dict, ours: dict, inputs: dict, variant: s
 # ----------------------------------------------------------------------------------------------------- main
 
 
-def run(root: Path, commit: str, seed: int, steps64: int = 6) -> dict[str, Any]:
+def run(root: Path, commit: str, seed: int, steps: int = 6) -> dict[str, Any]:
     official = Official(root)
     report: dict[str, Any] = {
         "official_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -474,7 +474,7 @@ def run(root: Path, commit: str, seed: int, steps64: int = 6) -> dict[str, Any]:
         report["audio_features"]["seconds"] = round(time.perf_counter() - t0, 2)
         report["forward"] = one_forward(official, off, ours, seed, cfg_batch=False)
         report["forward_cfg_batch"] = one_forward(official, off, ours, seed, cfg_batch=True)
-        report["sampling"] = [sampling(official, off, ours, inputs, v, bank, seed)
+        report["sampling"] = [sampling(official, off, ours, inputs, v, bank, seed, steps=steps)
                               for v in ("release", "release_acc") for bank in (torch.float32, None)]
         # the same forward in float64: what is left is a difference of arithmetic, not of rounding
         for m in (off["denoising_unet"], off["reference_unet"], off["pose_encoder"], ours["network"]):
@@ -484,7 +484,7 @@ def run(root: Path, commit: str, seed: int, steps64: int = 6) -> dict[str, Any]:
                                                           dtype=torch.float64)
         off["vae"].double()
         ours["autoencoder"].double()
-        report["sampling"] += [sampling(official, off, ours, inputs, v, torch.float64, seed, steps=steps64,
+        report["sampling"] += [sampling(official, off, ours, inputs, v, torch.float64, seed, steps=steps,
                                         dtype=torch.float64) for v in ("release", "release_acc")]
     return report
 
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--steps64", type=int, default=6, help="steps of the float64 sampling runs (default 6)")
+    parser.add_argument("--steps", type=int, default=6, help="denoising steps of every sampling run (default 6)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         root, commit = check_checkout(args.official)
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
-    report = run(root, commit, args.seed, args.steps64)
+    report = run(root, commit, args.seed, args.steps)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     print(format_report(report))
     print(f"total {report['total_seconds']} s")
