@@ -19,9 +19,11 @@ random weights, 64 x 64 pixels, 16 frames) the script
    ``sd_vae_ft_mse`` autoencoder class, the presets' scheduler and sampler settings read from ``conf/``);
 3. reports the max abs difference (and the official output's max abs value, its scale) of
    (1) the audio features of a wav file, (2) one UNet forward with the reference bank (fp32; also with the
-   conditional and unconditional branches in one batch, as the release's CFG runs), (3) a full 6-step sampling run
-   of the official ``EchoMimicV2Pipeline`` vs :class:`halfbody.echomimic_v2.pipeline.EchoMimicV2Pipeline` (the
-   standard sampler at CFG 2.5 and the accelerated pipeline at CFG 1.0), final latents and decoded frames.
+   conditional and unconditional branches in one batch, as the release's CFG runs), (3) a full sampling run
+   (``--steps``, default 6) of the official ``EchoMimicV2Pipeline`` vs
+   :class:`halfbody.echomimic_v2.pipeline.EchoMimicV2Pipeline` (the standard sampler at CFG 2.5 and the accelerated
+   pipeline at CFG 1.0), final latents and decoded frames;
+4. repeats (2) and (3) in float64 on both sides: what float32 rounding does not explain shows there.
 
 Shims (inside this script only, nothing in the checkout is modified):
 
@@ -34,7 +36,7 @@ Shims (inside this script only, nothing in the checkout is modified):
   becomes float32. The release's pipelines call ``update`` without a dtype, so they round the reference bank to
   float16 even in a float32 run; the rows without the mark run the official code as it is.
 
-Everything runs in float32 on the CPU (``--threads``, default 2), a few seconds per part.
+Runs on the CPU (``--threads``, default 2): about 2 minutes with 6 steps.
 """
 
 from __future__ import annotations
