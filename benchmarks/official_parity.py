@@ -165,8 +165,9 @@ class Official:
         rac = msa.ReferenceAttentionControl
         fn = rac.register_reference_hooks
         fn.__defaults__ = tuple(torch.device("cpu") if isinstance(d, torch.device) else d for d in fn.__defaults__)
-        self.Control, self.UNet2D, self.UNet3D, self.PoseEncoder = rac, UNet2DConditionModel, EMOUNet3DConditionModel, PoseEncoder
-        self.load_audio_model, self.Pipeline, self.PipelineAcc = load_audio_model, EchoMimicV2Pipeline, EchoMimicV2PipelineAcc
+        self.Control, self.UNet2D, self.UNet3D = rac, UNet2DConditionModel, EMOUNet3DConditionModel
+        self.PoseEncoder, self.load_audio_model = PoseEncoder, load_audio_model
+        self.Pipeline, self.PipelineAcc = EchoMimicV2Pipeline, EchoMimicV2PipelineAcc
         self.infer_cfg = OmegaConf.load(root / "configs" / "inference" / "inference_v2.yaml")
         self._update_defaults = rac.update.__defaults__
 
