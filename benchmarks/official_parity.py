@@ -400,6 +400,7 @@ def sampling(official: Official, off: dict, ours: dict, inputs: dict, variant: s
     from diffusers import DDIMScheduler
     from PIL import Image
 
+    from halfbody.data.media import load_audio_16k
     from halfbody.echomimic_v2.pipeline import EchoMimicV2Pipeline
 
     conf = _sampler_conf(variant)
@@ -431,7 +432,7 @@ def sampling(official: Official, off: dict, ours: dict, inputs: dict, variant: s
 
     ours_pipe = EchoMimicV2Pipeline(ours["network"], ours["scheduler"], ours["sampler"][variant], ours["autoencoder"])
     ref = torch.from_numpy(np.asarray(ref_pil, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].to(dtype)
-    samples = torch.from_numpy(__import__("halfbody.data.media", fromlist=["x"]).load_audio_16k(inputs["wav"]))[None]
+    samples = torch.from_numpy(load_audio_16k(inputs["wav"]))[None]
     t0 = time.perf_counter()
     with torch.no_grad():
         if dtype == torch.float32:
