@@ -389,15 +389,17 @@ class ModelPlan:
 
 def plan_model(cfg: DictConfig) -> ModelPlan:
     """Check the checkpoint (readable, of the config's family) and resolve the settings, without building anything."""
-    from halfbody.utils.checkpoint_io import FAMILIES, check_checkpoint_family, inspect_checkpoint
+    from halfbody.models.families import FAMILY_TARGETS, family_class
+    from halfbody.utils.checkpoint_io import check_checkpoint_family, inspect_checkpoint
 
     ckpt_path = cfg.get("ckpt_path")
     ckpt = inspect_checkpoint(ckpt_path, "ckpt_path") if ckpt_path else None
     model_cfg, source, _ = model_config(cfg)
     target = str(model_cfg.get("_target_", ""))
-    family = FAMILIES.get(target, (None,))[0]
-    if family is None:
-        raise UserError(f"model._target_={target!r}: not a halfbody model family ({', '.join(FAMILIES)})")
+    cls = family_class(target)
+    if cls is None:
+        raise UserError(f"model._target_={target!r}: not a halfbody model family ({', '.join(FAMILY_TARGETS)})")
+    family = cls.FAMILY
     if ckpt is not None:
         check_checkpoint_family(ckpt, ckpt_path, "ckpt_path", target)
     phase = checkpoint_phase(source, ckpt)

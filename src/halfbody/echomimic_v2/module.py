@@ -103,6 +103,9 @@ class EchoMimicV2Module(AnimationModule):
     AUDIO_REGIONS = AUDIO_REGIONS
     MUTABLE_GROUPS = MUTABLE_GROUPS
     AUDIO_GROUPS = ("audio_attention",)
+    FAMILY, TITLE = "echomimic_v2", "EchoMimicV2"
+    NETWORK_KEY_PREFIXES = ("network.denoising_unet.", "network.reference_net.")
+    VIDEO_AUTOENCODER = False  # frames are denoised as images (temporal modules mix them in latent space)
     CONDITIONS = ("ref", "audio", "pose", "uncond")
     UNCOND_CONDITIONS = ("ref", "audio", "pose")  # the release's unconditional CFG branch has none of them
     # Loss keys a phase's ``losses`` mapping may carry: ``phd`` (a band schedule such as

@@ -57,6 +57,9 @@ class MirrorMeModule(AnimationModule):
     AUDIO_REGIONS = ("off", "face", "global")
     MUTABLE_GROUPS = ("audio_encoder", "audio_adapter", "pose_encoder")
     AUDIO_GROUPS = ("audio_encoder", "audio_adapter")
+    FAMILY, TITLE = "mirrorme", "MirrorMe"
+    NETWORK_KEY_PREFIXES = ("network.transformer.",)
+    VIDEO_AUTOENCODER = True  # the LTX-style causal video latent space
     CONDITIONS = ("ref", "audio", "pose")
     # ``face``: lambda of Eq. 9 for the phase (null or 0: no face loss).
     PHASE_LOSS_KEYS = ("face",)

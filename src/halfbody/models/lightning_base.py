@@ -43,6 +43,10 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
     AUDIO_REGIONS: tuple[str, ...] = ("off", "global")
     MUTABLE_GROUPS: tuple[str, ...] = ()
     AUDIO_GROUPS: tuple[str, ...] = ()  # muting all of these means audio_region "off"
+    FAMILY: str = ""  # the family's name (family=...), named in errors
+    TITLE: str = ""  # the family as the papers name it, for messages
+    NETWORK_KEY_PREFIXES: tuple[str, ...] = ()  # state-dict prefixes that identify the family's checkpoints
+    VIDEO_AUTOENCODER: bool = False  # True: a causal video autoencoder (temporal factor > 1); False: an image one
     CONDITIONS: tuple[str, ...] = ("ref", "audio", "pose")
     UNCOND_CONDITIONS: tuple[str, ...] = ("ref", "audio")  # what an ``uncond`` dropout drops together
     PHASE_LOSS_KEYS: tuple[str, ...] = ()

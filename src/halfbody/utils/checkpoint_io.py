@@ -151,28 +151,27 @@ def inspect_checkpoint(path: str | os.PathLike, key: str, resume: bool = False) 
     return ckpt
 
 
-# The model families: LightningModule target -> (family name, state-dict key prefixes that identify it).
-FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "halfbody.echomimic_v2.module.EchoMimicV2Module": ("echomimic_v2", ("network.denoising_unet.",
-                                                                        "network.reference_net.")),
-    "halfbody.mirrorme.module.MirrorMeModule": ("mirrorme", ("network.transformer.",)),
-}
+def _holds(keys: list[str], prefixes: tuple[str, ...]) -> bool:
+    return bool(prefixes) and all(any(k.startswith(pre) for k in keys) for pre in prefixes)
 
 
 def checkpoint_family(ckpt: dict) -> str | None:
-    """The family (``echomimic_v2`` / ``mirrorme``) whose network weights ``ckpt`` holds, or None."""
+    """The family (``echomimic_v2`` / ``mirrorme``) whose network weights ``ckpt`` holds (each family's
+    ``NETWORK_KEY_PREFIXES``), or None."""
+    from halfbody.models.families import family_classes
+
     keys = list(ckpt.get("state_dict", {}))
-    for name, prefixes in FAMILIES.values():
-        if all(any(k.startswith(pre) for k in keys) for pre in prefixes):
-            return name
-    return None
+    return next((cls.FAMILY for cls in family_classes() if _holds(keys, cls.NETWORK_KEY_PREFIXES)), None)
 
 
 def check_checkpoint_family(ckpt: dict, path: str | os.PathLike, key: str, model_target: str | None) -> None:
     """Raise a one-line ``UserError`` when ``ckpt`` holds another family's network than ``model_target`` builds."""
-    expected = FAMILIES.get(model_target or "")
-    if expected is None:
+    from halfbody.models.families import family_class
+
+    cls = family_class(model_target)
+    if cls is None:
         return  # a module we do not know: Lightning's strict loading will tell
+    expected = (cls.FAMILY, cls.NETWORK_KEY_PREFIXES)
     found = checkpoint_family(ckpt)
     where = f"{key}={os.fspath(path)!r}"
     if found is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import numbers
-import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -196,13 +195,15 @@ def check_clip_geometry(cfg: DictConfig) -> None:
         return
     spatial, temporal = factors
     name = ae_cfg["_target_"].rsplit(".", 1)[-1]
-    model = str(_get(cfg, "model._target_", "")).rsplit(".", 1)[-1]
-    if model == "EchoMimicV2Module" and temporal != 1:
-        raise UserError(f"model.autoencoder={name} (temporal factor {temporal}): EchoMimicV2 denoises frame by frame "
-                        "and needs an image autoencoder (temporal factor 1), e.g. model/autoencoder=patch")
-    if model == "MirrorMeModule" and temporal == 1:
-        raise UserError(f"model.autoencoder={name} (temporal factor 1): MirrorMe needs a causal video autoencoder "
-                        "(temporal factor > 1), e.g. model/autoencoder=patch_causal")
+    from halfbody.models.families import family_class  # the family declares the autoencoder it needs
+
+    family = family_class(_get(cfg, "model._target_", None))
+    if family is not None and not family.VIDEO_AUTOENCODER and temporal != 1:
+        raise UserError(f"model.autoencoder={name} (temporal factor {temporal}): {family.TITLE} denoises frame by "
+                        "frame and needs an image autoencoder (temporal factor 1), e.g. model/autoencoder=patch")
+    if family is not None and family.VIDEO_AUTOENCODER and temporal == 1:
+        raise UserError(f"model.autoencoder={name} (temporal factor 1): {family.TITLE} needs a causal video "
+                        "autoencoder (temporal factor > 1), e.g. model/autoencoder=patch_causal")
     if resolution is not None and (h % spatial or w % spatial):
         raise UserError(f"data.resolution={resolution!r}: the autoencoder ({name}) needs height and width divisible "
                         f"by {spatial}")
