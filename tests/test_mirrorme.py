@@ -54,7 +54,25 @@ def test_causal_audio_encoder_aligns_each_latent_frame_with_exactly_its_video_fr
         changed = [i for i in range(4) if not torch.allclose(l2[:, i], a_loc[:, i]) or not torch.allclose(g2[:, i], a_glo[:, i])]
         assert changed == [next(i for i, g in enumerate(groups) if j in g)], j
     with pytest.raises(ValueError, match="1 \\+ k\\*8 frames"):
-        enc(torch.randn(1, 24, 3, 4))
+        enc(torch.randn(1, 23, 3, 4))
+
+
+def test_causal_audio_encoder_reads_the_real_past_before_a_clip():
+    """With the 7 frames before the clip in front (a later clip of a long video, a window inside a longer clip),
+    latent frame 0 reads them instead of copies of frame 0; the later latent frames do not change, and giving the
+    copies as the past is exactly the padded form."""
+    torch.manual_seed(0)
+    enc = CausalAudioEncoder(in_dim=12, model_dim=16, audio_dim=8, num_tokens=2, temporal_factor=8, channels=16)
+    torch.nn.init.normal_(enc.to_global.weight)
+    assert enc.past_frames == 7
+    clip, past = torch.randn(1, 17, 3, 4), torch.randn(1, 7, 3, 4)
+    g0, l0 = enc(clip)
+    g1, l1 = enc(torch.cat([past, clip], dim=1))
+    assert g1.shape == g0.shape and l1.shape == l0.shape == (1, 3, 2, 8)
+    assert torch.allclose(g1[:, 1:], g0[:, 1:]) and torch.allclose(l1[:, 1:], l0[:, 1:])
+    assert (l1[:, 0] - l0[:, 0]).abs().max() > 1e-3
+    g2, l2 = enc(torch.cat([clip[:, :1].expand(-1, 7, -1, -1), clip], dim=1))
+    assert torch.allclose(g2, g0, atol=1e-6) and torch.allclose(l2, l0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ reference RoPE
@@ -268,9 +286,36 @@ def test_two_clip_generation_is_continuous_in_audio_and_time(batch):
     # time: the second clip opens on exactly the frames the first one ended with (its clean motion frames)
     assert torch.allclose(second[:, :9], first[:, 8:], atol=1e-5)
     assert torch.allclose(video[:, :17], first) and torch.allclose(video[:, 17:], second[:, 9:])
-    # audio: one feature sequence over the whole audio, each clip fed exactly its frames' slice
-    whole = model.audio_encoder(torch.nn.functional.pad(audio, (0, 16000 - audio.shape[1])), num_frames=25, fps=25.0)
-    assert torch.allclose(out["audio_feats"], whole)
+    # audio: one feature sequence over the whole audio, each clip fed its frames' slice preceded by the 7 frames of
+    # real audio before it (the causal encoder's first group), not copies of its first frame
+    assert out["audio_past"] == 7
+    padded = torch.nn.functional.pad(audio, (0, 16000 - audio.shape[1]))
+    whole = model.audio_encoder(padded, num_frames=25, fps=25.0)
+    assert torch.allclose(out["audio_feats"][:, 7:], whole, atol=1e-5)
     conditional = [f[:b] for f in feats_seen]  # per clip, the CFG batch: conditional half first
-    assert len(conditional) == 2
-    assert torch.allclose(conditional[0], whole[:, 0:17]) and torch.allclose(conditional[1], whole[:, 8:25])
+    assert len(conditional) == 2 and conditional[0].shape[1] == conditional[1].shape[1] == 7 + 17
+    assert torch.allclose(conditional[0][:, 7:], whole[:, 0:17], atol=1e-5)
+    assert torch.allclose(conditional[1], whole[:, 1:25], atol=1e-5)  # frames 1..7 (the past), then 8..24
+    assert not torch.allclose(conditional[1][:, :7], whole[:, 8:9].expand(-1, 7, -1, -1), atol=1e-3)
+    # the wrapper, the pipeline and the long-video call of `generate` are the same sampling
+    again = model.pipeline.generate_long(batch["ref"], audio, 25.0, 25, clip_frames=17, motion_latent_frames=2,
+                                         pose=batch["pose"], face_mask=batch["mask_face"],
+                                         audio_region=model.audio_region, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(again["video"], video, atol=1e-5)
+
+
+def test_training_windows_hear_the_same_past_audio_as_a_later_clip(batch):
+    """A training window's features come from its audio context, preceded by the 7 frames before the window: the
+    rows a long video's later clip would get for the same frames."""
+    model = _model()
+    fps = 25.0
+    feats = model.audio_features(batch)
+    b, f = batch["video"].shape[:2]
+    assert feats.shape[:2] == (b, 7 + f)
+    for i in range(b):
+        ctx = batch["audio_context"][i:i + 1, :int(batch["audio_context_length"][i])]
+        off = int(batch["audio_context_offset"][i])
+        first = round(off / 16000 * fps)  # the window's first frame in the context
+        total = round(ctx.shape[1] / 16000 * fps)
+        whole = model.pipeline.whole_audio_features(ctx, fps, total, past=7)  # row 7 + j: frame j
+        assert torch.allclose(feats[i:i + 1], whole[:, first:first + 7 + f], atol=1e-5), i

@@ -7,8 +7,15 @@ LTX's 8x temporal compression), so that audio latent frame ``i`` covers exactly 
     latent frame 0      <- video frame 0 alone                     (the causal first frame)
     latent frame i >= 1 <- video frames tf*(i-1)+1 ... tf*i
 
-As the VAE does, the sequence is front-padded with ``tf - 1`` copies of frame 0; each downsampling layer has kernel 2
-and stride 2, so every output sees exactly one group of ``tf`` (padded) frames and never a later one.
+Each downsampling layer has kernel 2 and stride 2, so every output sees exactly one group of ``tf`` frames and never
+a later one. Latent frame 0's group is its frame preceded by ``tf - 1`` frames (:attr:`CausalAudioEncoder.past_frames`):
+
+- the **real past** when the caller has it: features ``(B, tf - 1 + F, K, D)`` whose first ``tf - 1`` frames are the
+  audio just before the clip. A later clip of a long video (motion frames, §3.2) and a training window inside a longer
+  clip both have it in the whole-audio context, so latent frame 0 of clip ``c > 0`` hears the speech that leads into
+  its frame (past audio only: still causal);
+- else ``tf - 1`` copies of frame 0, as the causal VAE pads its first frame (a clip with no audio before it, or
+  precomputed per-window features).
 
 Outputs (§3.3): ``a_glo`` ``(B, F', D_model)``, added to the noisy latent tokens of its latent frame "the way a
 timestep embedding is added"; ``a_loc`` ``(B, F', n, C_a)``, the per-latent-frame tokens the audio adapter attends to.
@@ -43,6 +50,9 @@ class CausalAudioEncoder(nn.Module):
         num_tokens: ``n``, local tokens per latent frame ("distinct semantic constituents", §3.3).
         temporal_factor: the video VAE's temporal compression ``tf`` (a power of two; 8 for LTX).
         channels: width of the causal convolution stack.
+
+    Inputs of ``F = 1 + k tf`` frames are padded with copies of frame 0; inputs of ``tf - 1 + F`` frames (a multiple
+    of ``tf``) carry their own ``past_frames`` real past frames in front (see the module docstring).
     """
 
     def __init__(self, in_dim: int, model_dim: int, audio_dim: int = 768, num_tokens: int = 16,
@@ -52,6 +62,7 @@ class CausalAudioEncoder(nn.Module):
         if layers < 0 or 2 ** layers != temporal_factor:
             raise ValueError(f"causal audio encoder: temporal_factor must be a power of two, got {temporal_factor}")
         self.temporal_factor = int(temporal_factor)
+        self.past_frames = self.temporal_factor - 1  # frames of real past audio latent frame 0 can take
         self.num_tokens, self.audio_dim = int(num_tokens), int(audio_dim)
         self.proj_in = nn.Linear(in_dim, channels)
         # Figure 3a: stacked 1-D causal downsampling convolutions (kernel 2, stride 2: one group each)
@@ -63,14 +74,19 @@ class CausalAudioEncoder(nn.Module):
         self.to_local = nn.Linear(channels, num_tokens * audio_dim)
 
     def forward(self, audio_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``audio_feats`` ``(B, F, K, D_in)`` with ``F = 1 + k tf`` -> ``(a_glo (B, F', D), a_loc (B, F', n, C_a))``."""
+        """``audio_feats`` ``(B, F, K, D_in)`` with ``F = 1 + k tf``, or ``(B, tf - 1 + F, K, D_in)`` with the real past
+        in front -> ``(a_glo (B, F', D), a_loc (B, F', n, C_a))``, ``F' = 1 + k``."""
         if audio_feats.ndim != 4:
             raise ValueError(f"audio features must be (B, F, K, D), got shape {tuple(audio_feats.shape)}")
         b, f = audio_feats.shape[:2]
-        causal_frame_groups(f, self.temporal_factor)  # validates F
+        tf = self.temporal_factor
+        with_past = tf > 1 and f >= tf and f % tf == 0  # tf - 1 past frames + 1 + k tf clip frames
+        if not with_past:
+            causal_frame_groups(f, tf)  # validates F
         x = F.silu(self.proj_in(audio_feats.flatten(2)))  # (B, F, C)
         x = x.transpose(1, 2)  # (B, C, F)
-        x = torch.cat([x[:, :, :1].expand(-1, -1, self.temporal_factor - 1), x], dim=2)  # causal first frame
+        if not with_past:  # no audio before the clip: the causal first frame, as the VAE pads it
+            x = torch.cat([x[:, :, :1].expand(-1, -1, tf - 1), x], dim=2)
         for i, conv in enumerate(self.downsample):
             x = conv(x)
             if i + 1 < len(self.downsample):

@@ -5,7 +5,8 @@ shifted toward noise, the reference latent and the motion frames clean (timestep
 dropout of reference, audio and hand pose for CFG, and ``L_total = L_MSE + lambda L_face`` (Eq. 8-9).
 Validation: the loss, plus Euler/CFG samples (§4.1: 15 steps, CFG 2.5, unconditional = reference, audio and pose
 zeroed) with the enlarged static face mask, which ``SampleVideoWriter`` turns into mp4s and oracle metrics.
-Long videos: :meth:`generate_long`, clip by clip on motion frames (§3.2, last paragraph).
+Sampling (validation, long videos on motion frames, ``halfbody.generate``) lives in
+:class:`~halfbody.mirrorme.pipeline.MirrorMePipeline`; :meth:`generate` and :meth:`generate_long` wrap it.
 
 Phase-facing attributes (set through :meth:`apply_phase`, never by phase name): the trainable / muted module groups
 (``transformer``, ``audio_encoder``, ``audio_adapter``, ``pose_encoder``), ``audio_region`` (``off`` | ``face``: audio
@@ -14,15 +15,13 @@ attention gated by the face mask | ``global``), pose dropout and ``losses: {face
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from halfbody.mirrorme.face_mask import latent_face_mask, static_face_mask, to_latent_grid
+from halfbody.mirrorme.pipeline import MirrorMePipeline, audio_past_frames
 from halfbody.models.audio_encoders import AudioEncoder
 from halfbody.models.autoencoders import Autoencoder
 from halfbody.models.flow_matching import RectifiedFlow
@@ -117,6 +116,21 @@ class MirrorMeModule(AnimationModule):
     def factors(self) -> tuple[int, int]:
         return self.autoencoder.spatial_factor, self.autoencoder.temporal_factor
 
+    @torch.no_grad()
+    def audio_features(self, batch: dict[str, Any], num_frames: int | None = None) -> torch.Tensor:
+        """Per-frame audio features; with an audio context (and the causal audio encoder) preceded by the ``tf - 1``
+        frames of real audio before the window, which the encoder's first group reads (§3.3; as long videos give each
+        later clip its past, :mod:`halfbody.mirrorme.pipeline`). Frames before the context's start clamp to it."""
+        past = audio_past_frames(self.network)
+        if not past or batch.get("audio_feats") is not None or "audio_context" not in batch:
+            return super().audio_features(batch, num_frames)
+        num_frames = num_frames or batch["video"].shape[1]
+        fps = self.batch_fps(batch)
+        offsets = batch["audio_context_offset"].double().cpu() - past * self.audio_encoder.sample_rate / fps
+        feats = self.audio_encoder(batch["audio_context"], num_frames=past + num_frames, fps=fps, offsets=offsets,
+                                   lengths=batch["audio_context_length"])
+        return feats.to(batch["video"].dtype)
+
     def audio_inputs(self, batch: dict[str, Any], training_mask: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Audio features and the latent face mask that gates them (``face``: dynamic in training, enlarged static
         at inference, §3.4); ``(None, None)`` when audio is off."""
@@ -174,119 +188,53 @@ class MirrorMeModule(AnimationModule):
         return loss, logs
 
     # ----------------------------------------------------------------------------------------------- sampling
+    # Sampling lives in :class:`~halfbody.mirrorme.pipeline.MirrorMePipeline`; these are thin wrappers that hand it
+    # this module's components and phase state (audio region, muted pose encoder).
+    PIPELINE = MirrorMePipeline
+
+    @property
+    def pipeline(self) -> MirrorMePipeline:
+        """The sampling pipeline over this module's network, flow, autoencoder and audio encoder."""
+        return MirrorMePipeline(self.network, self.flow, self.autoencoder, self.audio_encoder,
+                                inference_face_enlarge=self.inference_face_enlarge,
+                                max_motion_frames=self.max_motion_frames,
+                                num_inference_steps=self.hparams.num_inference_steps,
+                                guidance_scale=self.hparams.guidance_scale)
+
     @torch.no_grad()
     def sample_latents(self, ref_latents: torch.Tensor, audio_feats: torch.Tensor | None, pose: torch.Tensor | None,
-                       latent_shape: tuple[int, ...], *, fps: float, face_mask: torch.Tensor | None = None,
-                       motion_latents: torch.Tensor | None = None, num_inference_steps: int | None = None,
-                       guidance_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Euler/CFG sampling of ``(B, F', C, h, w)`` latents (§4.1). The unconditional branch zeroes reference, audio
-        and pose; both branches run as one batch. ``motion_latents`` ``(B, m, C, h, w)`` are held clean (t = 0) as the
-        first ``m`` latent frames."""
-        steps = num_inference_steps or self.hparams.num_inference_steps
-        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        b = latent_shape[0]
-        m = 0 if motion_latents is None else motion_latents.shape[1]
-
-        def hold(x: torch.Tensor) -> torch.Tensor:
-            return x if not m else torch.cat([motion_latents.to(x.dtype), x[:, m:]], dim=1)
-
-        ones = torch.ones(b, dtype=torch.bool, device=self.device)
-        keep2 = torch.cat([ones, ~ones])
-        twice = (lambda v: None if v is None else torch.cat([v, v]))
-
-        # audio and pose features do not depend on x_t or t: encode them once for all steps
-        net = self.network
-        if scale == 1.0:
-            cond1 = net.encode_conditions(audio_feats, pose)
-        else:
-            cond2 = net.encode_conditions(twice(audio_feats), twice(pose), audio_keep=keep2, pose_keep=keep2)
-
-        def denoise_fn(x_t: torch.Tensor, t: torch.Tensor, with_uncond: bool):
-            x_t = hold(x_t)
-            if not with_uncond:
-                return net(x_t, t, ref_latents, None, fps=fps, face_mask=face_mask, clean_latent_frames=m,
-                           conditions=cond1)
-            v = net(torch.cat([x_t, x_t]), torch.cat([t, t]), twice(ref_latents), None, fps=fps,
-                    face_mask=twice(face_mask), clean_latent_frames=m, ref_keep=keep2, audio_keep=keep2,
-                    conditions=cond2)
-            return v.chunk(2)
-
-        latents = self.flow.euler_sample(denoise_fn, tuple(latent_shape), num_steps=steps, guidance_scale=scale,
-                                         generator=generator, device=self.device, dtype=ref_latents.dtype)
-        return hold(latents)
+                       latent_shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        """:meth:`MirrorMePipeline.sample_latents` (Euler/CFG, §4.1)."""
+        return self.pipeline.sample_latents(ref_latents, audio_feats, pose, latent_shape, **kwargs)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
         """One clip per batch element, the length of ``batch["video"]``: ``(B, F, 3, H, W)`` in ``[-1, 1]``."""
-        video = batch["video"]
-        b, f, _, h, w = video.shape
-        s = self.autoencoder.spatial_factor
-        shape = (b, self.autoencoder.latent_num_frames(f), self.autoencoder.latent_channels, h // s, w // s)
-        ref = self.autoencoder.encode_image(batch["ref"])
         feats, face = self.audio_inputs(batch, training_mask=False)
-        latents = self.sample_latents(ref, feats, self.pose_input(batch), shape, fps=self.batch_fps(batch),
-                                      face_mask=face, num_inference_steps=num_inference_steps,
-                                      guidance_scale=guidance_scale, generator=generator)
-        return self.autoencoder.decode(latents).clamp(-1, 1)
+        return self.pipeline(batch["ref"], feats, self.pose_input(batch), batch["video"].shape[1],
+                             fps=self.batch_fps(batch), face_mask=face, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, generator=generator)
 
     @torch.no_grad()
     def generate_long(self, ref: torch.Tensor, audio: torch.Tensor, fps: float, num_frames: int, *,
                       clip_frames: int, motion_latent_frames: int = 1, pose: torch.Tensor | None = None,
-                      face_mask: torch.Tensor | None = None, num_inference_steps: int | None = None,
-                      guidance_scale: float | None = None, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """A long video, clip by clip on motion frames (§3.2).
+                      face_mask: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
+        """A long video, clip by clip on motion frames (§3.2): :meth:`MirrorMePipeline.generate_long` with this
+        module's audio region and pose encoder (muted: no pose). Returns its dict (``video``, ``clips``,
+        ``audio_feats``, ``audio_past``)."""
+        return self.pipeline.generate_long(
+            ref, audio, fps, num_frames, clip_frames=clip_frames, motion_latent_frames=motion_latent_frames,
+            pose=None if "pose_encoder" in self.muted_groups else pose, face_mask=face_mask,
+            audio_region=self.audio_region, **kwargs)
 
-        Each clip has ``clip_frames = 1 + k tf`` frames; clip ``c > 0`` starts with the last
-        ``1 + tf (m - 1)`` frames of the video so far, re-encoded as its ``m`` clean motion latent frames, and adds
-        ``clip_frames - (1 + tf (m - 1))`` new frames. Audio features are computed once over the whole audio and
-        sliced per clip, so clip ``c`` hears exactly the audio of its frames.
-
-        Args:
-            ref: ``(B, 3, H, W)``; audio: ``(B, S)`` 16 kHz (zero-padded when shorter than the video);
-            pose: ``(B, >= num_frames, 3, H, W)`` hand-keypoint maps or None; face_mask: ``(B, T, 1, H, W)`` pixel
-            face masks whose enlarged static box gates the audio (``audio_region = face``).
-        Returns:
-            ``{"video": (B, num_frames, 3, H, W), "clips": [(first_frame, end_frame), ...],
-            "audio_feats": (B, T_total, K, D)}``.
-        """
-        ae = self.autoencoder
-        tf, m = ae.temporal_factor, int(motion_latent_frames)
-        fl = ae.latent_num_frames(clip_frames)
-        if not 1 <= m < fl:
-            raise ValueError(f"motion_latent_frames={m} must be in [1, {fl - 1}] for {clip_frames}-frame clips")
-        if m > self.max_motion_frames:
-            warnings.warn(f"generate_long: motion_latent_frames={m} exceeds what training used "
-                          f"(model.motion_frames.max_latent_frames={self.max_motion_frames})", stacklevel=2)
-        overlap = 1 + tf * (m - 1)
-        step = clip_frames - overlap
-        n_clips = 1 + max(0, math.ceil((num_frames - clip_frames) / step))
-        total = clip_frames + (n_clips - 1) * step
-        samples = round(total / fps * self.audio_encoder.sample_rate)
-        audio = F.pad(audio, (0, max(0, samples - audio.shape[1])))[:, :samples]
-        feats_all = self.audio_encoder(audio, num_frames=total, fps=fps)
-        if pose is not None and pose.shape[1] < total:  # hold the last pose over the padded tail
-            pose = torch.cat([pose, pose[:, -1:].expand(-1, total - pose.shape[1], -1, -1, -1)], dim=1)
-        b, _, h, w = ref.shape
-        s = ae.spatial_factor
-        ref_latents = ae.encode_image(ref)
-        face = None
-        if self.audio_region == "face":
-            if face_mask is None:
-                raise ValueError("generate_long: audio_region='face' needs face_mask (B, T, 1, H, W)")
-            static = static_face_mask(face_mask, self.inference_face_enlarge)[:, :1].expand(b, clip_frames, 1, h, w)
-            face = latent_face_mask(static, s, tf)
-        video, clips = None, []
-        for c in range(n_clips):
-            start = c * step
-            motion = None if video is None else ae.encode(video[:, -overlap:])
-            feats = None if self.audio_region == "off" else feats_all[:, start:start + clip_frames]
-            latents = self.sample_latents(
-                ref_latents, feats, None if pose is None or "pose_encoder" in self.muted_groups
-                else pose[:, start:start + clip_frames], (b, fl, ae.latent_channels, h // s, w // s), fps=fps,
-                face_mask=face, motion_latents=motion, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, generator=generator)
-            clip = ae.decode(latents).clamp(-1, 1)
-            video = clip if video is None else torch.cat([video, clip[:, overlap:]], dim=1)
-            clips.append((start, start + clip_frames))
-        return {"video": video[:, :num_frames], "clips": clips, "audio_feats": feats_all}
+    @torch.no_grad()
+    def generate_video(self, conditions: dict[str, Any], num_frames: int, *, clip_frames: int,
+                       motion_latent_frames: int = 1, **kwargs: Any) -> torch.Tensor:
+        """``halfbody.generate``'s family-agnostic call: ``conditions`` holds ``ref`` ``(B, 3, H, W)``, ``audio``
+        ``(B, S)`` 16 kHz, ``fps``, optional ``pose`` and the ``mask_face`` ``(B, T, 1, H, W)``; returns
+        ``(B, num_frames, 3, H, W)`` in ``[-1, 1]``, any length (motion frames)."""
+        return self.generate_long(conditions["ref"], conditions["audio"], self.batch_fps(conditions), num_frames,
+                                  clip_frames=clip_frames, motion_latent_frames=motion_latent_frames,
+                                  pose=conditions.get("pose"), face_mask=conditions.get("mask_face"),
+                                  **kwargs)["video"]

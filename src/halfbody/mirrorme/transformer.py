@@ -74,7 +74,7 @@ def token_coordinates(batch: int, latent_frames: int, height: int, width: int, *
     t, y, x = torch.meshgrid(seconds, grid_y, grid_x, indexing="ij")
     coords = torch.stack([t.flatten(), y.flatten(), x.flatten()])  # (3, F'*h*w)
     if reference_time_offset is not None:
-        last = float(seconds[-1])
+        last = max(0, (latent_frames - 1) * temporal_factor + 1 - temporal_factor) / float(fps)  # on the host: no sync
         if not last < reference_time_offset < ROPE_WRAP_SECONDS:
             raise ValueError(f"model.network.reference_time_offset={reference_time_offset} s must lie between the "
                              f"clip's last latent frame ({last:.2f} s) and {ROPE_WRAP_SECONDS:.0f} s, where LTX's "
