@@ -195,6 +195,8 @@ class EchoMimicV2Module(AnimationModule):
         logs.update({k: v.detach() for k, v in phd.logs.items()})
         return latent + phd.loss.mean(), logs
 
+    PIPELINE = EchoMimicV2Pipeline  # what halfbody.generate asks of the family (pose required, sampler variants)
+
     @property
     def pipeline(self) -> EchoMimicV2Pipeline:
         """The sampling pipeline over this module's network, scheduler, sampler settings and autoencoder."""
@@ -238,3 +240,9 @@ class EchoMimicV2Module(AnimationModule):
             ref_latents, feats, pose, num_frames, num_inference_steps=steps, guidance_scale=scale,
             audio_mask=audio_mask, audio_mode=audio_mode, generator=generator, latents=latents)
         return self.autoencoder.decode(latents).clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate_video(self, conditions: dict[str, Any], num_frames: int, **kwargs: Any) -> torch.Tensor:
+        """``halfbody.generate``'s family-agnostic call: :meth:`generate` on ``conditions`` (``ref``, 16 kHz ``audio``,
+        ``fps``, ``pose``, region masks) for ``num_frames`` frames (context windows: any length)."""
+        return self.generate(conditions, num_frames=num_frames, **kwargs)

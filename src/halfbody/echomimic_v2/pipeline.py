@@ -40,12 +40,13 @@ from torch import nn
 from halfbody.models.schedulers import VPredictionDDIM, apply_cfg, pseudo_velocity, x0_from_velocity
 
 __all__ = ["SamplerSettings", "EchoMimicV2Pipeline", "context_windows", "step_windows", "sample_with_windows",
-           "WindowDenoiseFn", "STEP_FUNCTIONS"]
+           "WindowDenoiseFn", "WindowFrames", "STEP_FUNCTIONS"]
 
 STEP_FUNCTIONS = ("ddim", "release_acc")
 
 #: ``denoise_fn(x_w, t, frames, with_uncond)``: ``x_w`` ``(B, f, C, h, w)`` the latents of one window, ``t`` ``(B,)``
-#: long, ``frames`` the window's frame indices into the clip (length ``f``). Returns ``v_cond`` when ``with_uncond``
+#: long, ``frames`` the window's frame indices into the clip (length ``f``; a :class:`WindowFrames` list that also
+#: holds them on the device). Returns ``v_cond`` when ``with_uncond``
 #: is False, else ``(v_cond, v_uncond)``.
 WindowDenoiseFn = Callable[[torch.Tensor, torch.Tensor, list[int], bool],
                            Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
@@ -158,27 +159,44 @@ def sample_with_windows(denoise_fn: WindowDenoiseFn, scheduler: VPredictionDDIM,
     alphas_cumprod = scheduler.scheduler.alphas_cumprod.to(x.device)
     # windows are blended in float32 at least (half-precision runs), in float64 when the latents are float64
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    for i, t in enumerate(sched.timesteps):
-        t_int = int(t)
+    # every step's windows, their frame indices and per-frame counts go to the device once: indexing with Python
+    # lists inside the loop would copy (and synchronise) for every window of every step
+    timesteps = [int(t) for t in sched.timesteps]
+    windows = [step_windows(base, i, settings.context_shift, nf) for i in range(len(timesteps))]
+    index = torch.tensor(windows, dtype=torch.long).to(x.device)  # (steps, windows, frames per window)
+    counts = torch.zeros(len(timesteps), nf, dtype=acc_dtype)
+    for i, ws in enumerate(windows):
+        for w in ws:
+            counts[i, w] += 1
+    counts = counts.to(x.device).view(len(timesteps), 1, 1, nf, 1, 1, 1)
+    branches = 2 if with_uncond else 1
+    for i, t_int in enumerate(timesteps):
         t_batch = torch.full((b,), t_int, device=x.device, dtype=torch.long)
-        branches = 2 if with_uncond else 1
         total = torch.zeros((branches, *x.shape), device=x.device, dtype=acc_dtype)
-        count = torch.zeros((nf,), device=x.device, dtype=acc_dtype)
-        for w in step_windows(base, i, settings.context_shift, nf):
-            x_w = x[:, w]
-            preds = _as_branches(denoise_fn(x_w, t_batch, w, with_uncond), with_uncond)
+        for j, w in enumerate(windows[i]):
+            frames = WindowFrames(w, index[i, j])
+            x_w = x.index_select(1, frames.on_device)
+            preds = _as_branches(denoise_fn(x_w, t_batch, frames, with_uncond), with_uncond)
             if settings.step == "release_acc":  # v -> x0 -> pseudo-velocity towards t = -1 (step_func.py)
                 preds = [pseudo_velocity(x_w, x0_from_velocity(p, x_w, alphas_cumprod, t_batch), alphas_cumprod,
                                          t_batch, torch.full_like(t_batch, -1)) for p in preds]
             for branch, p in enumerate(preds):
-                total[branch][:, w] += p.to(acc_dtype)
-            count[w] += 1
-        v = total / count.view(1, 1, nf, 1, 1, 1)
+                total[branch].index_add_(1, frames.on_device, p.to(acc_dtype))  # a window's frames are distinct
+        v = total / counts[i]
         v = apply_cfg(v[0], v[1], guidance_scale) if with_uncond else v[0]
         x = sched.step(v.to(x.dtype), t_int, x, eta=settings.eta, generator=generator).prev_sample
         if callback is not None:
             callback(i, t_int, x)
     return x
+
+
+class WindowFrames(list):
+    """A window's frame indices into the clip (a ``list`` of ints), with the same indices as a ``LongTensor`` on the
+    latents' device (``on_device``), so that a denoiser slices its conditions without a host-to-device copy."""
+
+    def __init__(self, frames: list[int], on_device: torch.Tensor):
+        super().__init__(frames)
+        self.on_device = on_device
 
 
 def _as_branches(out: Any, with_uncond: bool) -> list[torch.Tensor]:
@@ -199,12 +217,28 @@ class EchoMimicV2Pipeline:
         autoencoder: optional; needed by :meth:`__call__` (pixels in and out), not by :meth:`sample_latents`.
     """
 
+    # --- what ``python -m halfbody.generate`` asks of a family (halfbody.generation.family), without a model
+    POSE_REQUIRED = True  # the pose sequence drives the body (EchoMimicV2 §3.2)
+    MISSING_POSE = ("EchoMimicV2 animates a pose sequence; give pose=<(T, 133, 3) keypoints .npy or a driving video> "
+                    "(audio-only generation needs the audio-to-pose model, issue 14, not built yet)")
+    SAMPLER_VARIANTS = True  # conf/model/sampler/: release | release_acc
+    LONG_VIDEO_OPTIONS: tuple[str, ...] = ()  # any length through the sampler's context windows
+
+    @staticmethod
+    def check_long_video(options: Mapping[str, Any], temporal_factor: int) -> None:
+        """Nothing to check: context windows take any frame count."""
+
     def __init__(self, network: nn.Module, scheduler: VPredictionDDIM,
                  settings: SamplerSettings | Mapping[str, Any] | None = None, autoencoder: nn.Module | None = None):
         self.network = network
         self.scheduler = scheduler
         self.settings = SamplerSettings.from_config(settings)
         self.autoencoder = autoencoder
+
+    def network_passes(self, num_frames: int, num_inference_steps: int, **_: Any) -> int:
+        """Network evaluations a clip takes: one per context window and step (the CFG branches are one batch)."""
+        return len(context_windows(int(num_frames), self.settings.context_frames, self.settings.context_overlap)) \
+            * int(num_inference_steps)
 
     def window_denoiser(self, ref_latents: torch.Tensor, audio_feats: torch.Tensor | None, pose: torch.Tensor | None,
                         audio_mask: torch.Tensor | None = None, audio_mode: str = "global",
@@ -221,7 +255,10 @@ class EchoMimicV2Pipeline:
                               torch.zeros(b, dtype=torch.bool, device=ref_latents.device)])
 
         def take(x: torch.Tensor | None, frames: list[int]) -> torch.Tensor | None:
-            return None if x is None else x[:, frames]
+            if x is None:
+                return None
+            on_device = getattr(frames, "on_device", None)  # WindowFrames from sample_with_windows: no copy
+            return x.index_select(1, on_device) if on_device is not None else x[:, frames]
 
         def denoise(x_w: torch.Tensor, t: torch.Tensor, frames: list[int], uncond: bool):
             feats, p, mask = take(audio_feats, frames), take(pose, frames), take(audio_mask, frames)
