@@ -22,13 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--headshot-fraction", type=float, default=0.2)
     p.add_argument("--ref-fraction", type=float, default=0.5)
     p.add_argument("--clips-per-shard", type=int, default=64)
+    p.add_argument("--gestures", action="store_true", help="co-speech beat gestures (strokes at stressed syllables)")
     p.add_argument("--workers", type=int, default=None, help="render processes (default min(4, cpus))")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     shards = generate_shards(a.out, num_clips=a.num_clips, seed=a.seed, num_identities=a.num_identities,
                              resolution=a.resolution, fps=a.fps, num_frames=a.num_frames,
                              headshot_fraction=a.headshot_fraction, clips_per_shard=a.clips_per_shard,
-                             workers=a.workers, ref_fraction=a.ref_fraction)
+                             workers=a.workers, ref_fraction=a.ref_fraction, gestures=a.gestures)
     dt = time.perf_counter() - t0
     print(json.dumps({"shards": [str(s) for s in shards], "seconds": round(dt, 2)}, indent=2))
 

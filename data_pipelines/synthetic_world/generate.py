@@ -8,6 +8,9 @@ Ground truth per clip (all exact, all deterministic in ``(seed, clip index)``):
 - Head sway: roll ``= +-7 deg * s(t)`` about the neck base and a nod of ``0.03 * head_ry * s(t)``, where
   ``s`` is ``e`` through a causal one-pole low-pass (0.3 s).
 - Hands: smooth random wrist trajectories; the gloves are drawn from the 21 hand keypoints per hand.
+  With ``WorldConfig.gestures`` (off by default) the hands make co-speech beat gestures instead: strokes at
+  stressed syllable onsets with a per-identity style (``gestures.py``), and the stroke apex times are recorded in
+  the ``json`` field (``synthetic.gestures``).
 
 Clip ``i`` is a headshot when ``floor((i + 1) h) > floor(i h)`` for ``h = headshot_fraction`` and carries a
 ``ref.png`` when the same holds for ``ref_fraction``: the fractions are exact and evenly spread, so even a
@@ -30,6 +33,7 @@ import numpy as np
 from halfbody.data.media import AUDIO_SAMPLE_RATE, encode_video, encode_wav
 
 from .audio import sample_syllables, sway_signal, synthesize_voice
+from .gestures import _GESTURE_STREAM, beat_gestures, gesture_style
 from .identity import Identity, make_identity
 from .render import (SIDES, FrameState, draw_frame, halfbody_camera, head_box, headshot_camera, keypoints_of,
                      layout_of, neutral_state, pose_of, static_layer)
@@ -52,6 +56,7 @@ class WorldConfig:
     num_frames: int = 50
     headshot_fraction: float = 0.2
     ref_fraction: float = 0.5
+    gestures: bool = False  # co-speech beat gestures (gestures.py) instead of speech-independent hand motion
 
     def __post_init__(self):
         checks = {
@@ -61,6 +66,7 @@ class WorldConfig:
             "num_frames": self.num_frames >= 1,
             "headshot_fraction": 0.0 <= self.headshot_fraction <= 1.0,
             "ref_fraction": 0.0 <= self.ref_fraction <= 1.0,
+            "gestures": isinstance(self.gestures, bool),
         }
         for key, ok in checks.items():
             if not ok:
@@ -153,6 +159,15 @@ def render_clip(config: WorldConfig, index: int, kind: str | None = None) -> Cli
         wrists[s] = np.stack([x, y], 1)
         flex[s] = 0.45 * _smooth(rng, t, 0.15, 0.7)
         curl[s] = np.clip(0.3 + 0.3 * _smooth(rng, t, 0.2, 0.8), 0.0, 1.0)
+    gesture_meta = None
+    if config.gestures:  # its own random stream: the rest of the clip is drawn exactly as without gestures
+        grng = np.random.default_rng(np.random.SeedSequence([int(config.seed), _GESTURE_STREAM, 1, int(index)]))
+        style = gesture_style(config.seed, identity.index)
+        wrists, curl, apex = beat_gestures(syllables, style, layout.wrist_rest, t, grng)
+        gesture_meta = {"law": "beat strokes: apex at stressed syllable onset + lag (data_pipelines/synthetic_world/"
+                               "gestures.py)", "style": style.to_json(),
+                        "stroke_times": [round(float(v), 4) for v in apex],
+                        "syllable_onsets": [round(float(v), 4) for v in syllables.start]}
 
     static = static_layer(identity, layout, cam)
     frames = np.empty((T, res, res, 3), np.uint8)
@@ -181,6 +196,8 @@ def render_clip(config: WorldConfig, index: int, kind: str | None = None) -> Cli
             "identity": identity.to_json(),
         },
     }
+    if gesture_meta is not None:
+        meta["synthetic"]["gestures"] = gesture_meta
     return Clip(key, frames, audio, kpts, envelope, envelope.copy(), reference, has_ref, identity, meta)
 
 
@@ -226,8 +243,11 @@ def _atomic_write_json(path: Path, obj) -> None:
 
 
 def _params(config: WorldConfig, num_clips: int, clips_per_shard: int, first_index: int = 0) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "num_clips": int(num_clips), "first_index": int(first_index),
-            "clips_per_shard": int(clips_per_shard), **asdict(config)}
+    params = {"generator_version": GENERATOR_VERSION, "num_clips": int(num_clips), "first_index": int(first_index),
+              "clips_per_shard": int(clips_per_shard), **asdict(config)}
+    if not config.gestures:  # worlds written before the parameter existed stay complete
+        params.pop("gestures")
+    return params
 
 
 def _complete(out: Path, params: dict) -> list[Path] | None:
@@ -259,7 +279,7 @@ def _locked(out: Path):
 def generate_shards(out_dir: str | os.PathLike, num_clips: int = 256, seed: int = 0, num_identities: int = 8,
                     resolution: int = 128, fps: float = 25.0, num_frames: int = 50, headshot_fraction: float = 0.2,
                     clips_per_shard: int = 64, workers: int | None = None, ref_fraction: float = 0.5,
-                    first_index: int = 0) -> list[Path]:
+                    first_index: int = 0, gestures: bool = False) -> list[Path]:
     """Write ``num_clips`` clips (indices ``first_index ...``) as webdataset shards ``synthetic-00000.tar, ...``
     plus ``manifest.json``. Two calls with the same seed and disjoint index ranges give disjoint clips of the same
     identities (a train / validation split).
@@ -274,7 +294,7 @@ def generate_shards(out_dir: str | os.PathLike, num_clips: int = 256, seed: int 
 
     config = WorldConfig(seed=int(seed), num_identities=int(num_identities), resolution=int(resolution),
                          fps=float(fps), num_frames=int(num_frames), headshot_fraction=float(headshot_fraction),
-                         ref_fraction=float(ref_fraction))
+                         ref_fraction=float(ref_fraction), gestures=bool(gestures))
     if num_clips < 1:
         raise ValueError(f"synthetic_world: bad num_clips={num_clips!r}")
     if clips_per_shard < 1:
