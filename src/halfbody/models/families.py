@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 
-FAMILY_TARGETS = ("halfbody.echomimic_v2.module.EchoMimicV2Module", "halfbody.mirrorme.module.MirrorMeModule")
+FAMILY_TARGETS = ("halfbody.echomimic_v2.module.EchoMimicV2Module", "halfbody.mirrorme.module.MirrorMeModule",
+                  "halfbody.audio2pose.module.Audio2PoseModule")
 
 
 def family_class(target: str | None) -> type | None:
