@@ -99,6 +99,13 @@ class EchoMimicV2Module(AnimationModule):
         self.phd_loss = phd_loss
         self._configured["phd"] = None if phd_loss is None else (dict(phd_loss.schedule), phd_loss.enabled)
 
+    # ----------------------------------------------------------------------------------------------- parallelism
+    def parallelize_network(self, settings, mesh) -> dict[str, int]:
+        """``configure_model``'s family hook: :func:`halfbody.echomimic_v2.parallelize.parallelize_echomimic_v2`."""
+        from halfbody.echomimic_v2.parallelize import parallelize_echomimic_v2
+
+        return parallelize_echomimic_v2(self.network, settings, mesh)
+
     # ----------------------------------------------------------------------------------------------- phases
     AUDIO_REGIONS = AUDIO_REGIONS
     MUTABLE_GROUPS = MUTABLE_GROUPS

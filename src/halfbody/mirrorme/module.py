@@ -100,6 +100,13 @@ class MirrorMeModule(AnimationModule):
             raise ValueError(f"model.inference_face_enlarge={inference_face_enlarge!r} must be >= 1")
         self.inference_face_enlarge = float(inference_face_enlarge)
 
+    # ----------------------------------------------------------------------------------------------- parallelism
+    def parallelize_network(self, settings, mesh) -> dict[str, int]:
+        """``configure_model``'s family hook: :func:`halfbody.mirrorme.parallelize.parallelize_mirrorme`."""
+        from halfbody.mirrorme.parallelize import parallelize_mirrorme
+
+        return parallelize_mirrorme(self.network, settings, mesh)
+
     # ----------------------------------------------------------------------------------------------- phases
     def check_phase_losses(self, spec: PhaseSpec) -> None:
         super().check_phase_losses(spec)

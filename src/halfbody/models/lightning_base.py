@@ -144,6 +144,40 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
         self.condition_dropout["pose"] = float(self._configured["pose_dropout"] if p is None else p)
         return {"pose_dropout": self.condition_dropout["pose"]}
 
+    # ----------------------------------------------------------------------------------------------- parallelism
+    parallelism: Any = None  # cfg.parallelize (halfbody.models.parallel.Parallelism), set by the training entry point
+
+    def parallelize_network(self, settings: Any, mesh: Any) -> dict[str, int]:
+        """The family hook of :meth:`configure_model`: apply ``settings`` (activation checkpointing, compile, and FSDP2
+        when ``mesh`` is given) to ``self.network`` through the family's parallelize function."""
+        raise NotImplementedError(f"{type(self).__name__} has no parallelize function: parallelize.* and trainer=fsdp "
+                                  "are not available for it")
+
+    def configure_model(self) -> None:
+        """Apply the run's parallelism to the network, once (docs/ARCHITECTURE.md "Parallelism").
+
+        Lightning calls this under every strategy before it wraps (DDP) or after it set up the device mesh
+        (``ModelParallelStrategy``, ``trainer=fsdp``): activation checkpointing and compile apply everywhere, FSDP2
+        ``fully_shard`` only with the mesh. The frozen autoencoder and audio encoder are never sharded.
+        """
+        if getattr(self, "_parallelized", False):
+            return
+        from halfbody.models.parallel import Parallelism, is_sharded
+
+        settings = Parallelism.from_config(self.parallelism)
+        mesh = self.device_mesh
+        if mesh is not None:
+            names = mesh.mesh_dim_names or ()
+            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+                raise ValueError(f"the device mesh has tensor_parallel size {mesh['tensor_parallel'].size()}: only "
+                                 "data-parallel sharding (FSDP2) is supported; use trainer=fsdp")
+            mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        if mesh is not None or settings.activation_checkpointing or settings.compile:
+            self.parallelize_network(settings, mesh)
+            if mesh is not None and not is_sharded(self.network):
+                raise RuntimeError(f"{type(self).__name__}.parallelize_network did not shard the network")
+        self._parallelized = True
+
     # ----------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         # a precomputed feature field must come from this model's audio encoder (shared/DESIGN.md §1: stale caches)

@@ -136,20 +136,27 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def apply_fsdp(units: Iterable[nn.Module], root: nn.Module, mesh, settings: Parallelism,
-               forward_methods: Iterable[str] = ()) -> int:
+               forward_methods: Iterable[str] = (), cast_unit_inputs: bool = True) -> int:
     """FSDP2 ``fully_shard`` on each of ``units`` (blocks first, then the groups that hold them: children before
     parents), then on ``root``, whose remaining parameters form the root group.
 
     Every unit gathers its parameters in ``param_dtype`` and reduce-scatters gradients in ``reduce_dtype``; the root
     returns float32 (its ``output_dtype``), so losses are computed in full precision. ``forward_methods`` are
     methods of ``root`` other than ``forward`` that callers invoke directly (e.g. a reference encoder run once per
-    clip when sampling): they get the root's FSDP hooks (``register_fsdp_forward_method``). Returns the number of
-    units sharded (root included).
+    clip when sampling): they get the root's FSDP hooks (``register_fsdp_forward_method``). ``cast_unit_inputs``
+    False: only the root casts its floating inputs to ``param_dtype`` (FSDP2's cast rebuilds dataclass arguments,
+    so a unit that writes into an argument object, as EchoMimicV2's reference attention writes its bank, needs the
+    original). With ``param_dtype`` fp32 no policy is set at all (nothing to cast). Returns the number of units
+    sharded (root included).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     param_dtype, reduce_dtype = settings.mixed_precision()
+    if param_dtype == torch.float32:
+        param_dtype = None  # full precision: no casts (and no rebuilt arguments)
+    if reduce_dtype == torch.float32:
+        reduce_dtype = None  # gradients are reduced in their own dtype: float32 unless param_dtype is lower
     assert isinstance(settings.fsdp, FSDPSettings)
     offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if settings.fsdp.cpu_offload
                else OffloadPolicy())
@@ -158,24 +165,28 @@ def apply_fsdp(units: Iterable[nn.Module], root: nn.Module, mesh, settings: Para
     for unit in units:
         if is_sharded(unit) or not any(True for _ in unit.parameters()):
             continue
-        fully_shard(unit, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype), **common)
+        fully_shard(unit, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                                         cast_forward_inputs=cast_unit_inputs), **common)
         n += 1
     fully_shard(root, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                                                     output_dtype=torch.float32), **common)
+                                                     output_dtype=None if param_dtype is None else torch.float32),
+                **common)
     for name in forward_methods:
         register_fsdp_forward_method(root, name)
     return n + 1
 
 
 def parallelize_blocks(network: nn.Module, settings: Parallelism, mesh, *, blocks: list[nn.Module],
-                       groups: list[nn.Module] = (), forward_methods: Iterable[str] = ()) -> dict[str, int]:
-    """The three steps in order on ``blocks`` (AC and compile) and ``blocks + groups`` then ``network`` (FSDP, when
-    ``mesh`` is given). Returns how many modules each step touched (logged by the caller)."""
+                       units: list[nn.Module], forward_methods: Iterable[str] = (),
+                       cast_unit_inputs: bool = True) -> dict[str, int]:
+    """The three steps in order: activation checkpointing and compile on ``blocks``, then (when ``mesh`` is given)
+    ``fully_shard`` on ``units`` (children before parents) and on ``network``. Returns how many modules each step
+    touched (logged by the caller)."""
     done = {"activation_checkpointing": 0, "compile": 0, "fully_shard": 0}
     if settings.activation_checkpointing:
         done["activation_checkpointing"] = apply_activation_checkpointing(blocks)
     if settings.compile:
         done["compile"] = apply_compile(blocks, settings.compile_backend)
     if mesh is not None:
-        done["fully_shard"] = apply_fsdp([*blocks, *groups], network, mesh, settings, forward_methods)
+        done["fully_shard"] = apply_fsdp(units, network, mesh, settings, forward_methods, cast_unit_inputs)
     return done

@@ -124,18 +124,37 @@ def previous_good_checkpoint(path: str | os.PathLike, limit: int = 20) -> Path |
     return None
 
 
-def inspect_checkpoint(path: str | os.PathLike, key: str, resume: bool = False) -> dict:
+def inspect_checkpoint(path: str | os.PathLike, key: str, resume: bool = False, sharded_ok: bool = False) -> dict:
     """The checkpoint at ``path`` (config key ``key``), loaded safely with lazily mapped tensors.
 
     Raises a one-line ``UserError`` naming ``key`` and ``path`` when the file is missing, a directory, empty,
     truncated, corrupt, not a Lightning checkpoint, refused by safe loading, or (``resume``) holds no training state.
+    A sharded checkpoint (``trainer=fsdp``'s directory) is read (its ``meta.pt`` and tensor keys) only when
+    ``sharded_ok`` (resuming under a sharded strategy), else refused with the two ways to use it. A consolidated
+    safetensors file (``python -m halfbody.consolidate``) reads as a checkpoint without training state.
     """
+    from halfbody.utils import sharded_checkpoint as sharded
+
     p = Path(os.path.expanduser(os.fspath(path)))
     where = f"{key}={os.fspath(path)!r}"
     if not p.exists():
         raise UserError(f"{where} does not exist: expected a Lightning .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+    if p.is_dir() and sharded.is_sharded_checkpoint(p):
+        if not sharded_ok:
+            raise UserError(f"{where} is a sharded checkpoint (a torch.distributed.checkpoint directory written under "
+                            "trainer=fsdp): resume it with trainer=fsdp (any number of devices), or consolidate it "
+                            f"into one file first: python -m halfbody.consolidate {os.fspath(path)}")
+        return sharded.inspect_sharded_checkpoint(p, key, resume=resume)
     if p.is_dir():
         raise UserError(f"{where} is a directory: expected a Lightning .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+    if sharded.is_consolidated(p):
+        if resume:
+            raise UserError(f"{where} is a consolidated checkpoint (weights only, no training state to resume); to "
+                            "resume, give the sharded checkpoint directory with trainer=fsdp")
+        try:
+            return sharded.load_consolidated(p)
+        except Exception as e:  # noqa: BLE001 - any failure to read is reported as what it is
+            raise UserError(f"{where}: the consolidated checkpoint cannot be read ({_first_line(e)})") from None
     problem, ckpt = _problem(p)
     if problem:
         hint = ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def check_checkpoints(cfg: DictConfig) -> None:
             raise UserError(f"{key}={path!r}: expected the path of a Lightning .ckpt file")
         if (resume and path in SPECIAL_CKPT_PATHS) or _is_remote(path):
             continue
-        ckpt = inspect_checkpoint(path, key, resume=resume)
+        ckpt = inspect_checkpoint(path, key, resume=resume, sharded_ok=resume and sharded_strategy(cfg))
         check_checkpoint_family(ckpt, path, key, model_target)
 
 
@@ -223,9 +224,91 @@ def check_clip_geometry(cfg: DictConfig) -> None:
                             f"(e.g. {examples})")
 
 
+# ---------------------------------------------------------------------------------------------------------- parallelism
+def sharded_strategy(cfg: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` shards the model (Lightning's ``ModelParallelStrategy``, e.g. ``trainer=fsdp``)."""
+    strategy = _get(cfg, "trainer.strategy", None)
+    target = strategy.get("_target_") if isinstance(strategy, dict) else None
+    if not target:
+        return False
+    try:
+        import hydra
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return issubclass(hydra.utils.get_class(str(target)), ModelParallelStrategy)
+    except Exception:  # noqa: BLE001 - an unknown strategy target: Lightning names it
+        return False
+
+
+def _process_count(cfg: DictConfig) -> int | None:
+    devices, nodes = _get(cfg, "trainer.devices", None), _get(cfg, "trainer.num_nodes", 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, list):
+        devices = len(devices)
+    if not _is_int(devices) or devices < 1 or not _is_int(nodes) or nodes < 1:
+        return None  # "auto" / -1: Lightning decides
+    return int(devices) * int(nodes)
+
+
+def check_parallelism(cfg: DictConfig) -> None:
+    """``parallelize.*`` against the trainer: precision under FSDP, the compile backend, the global batch split."""
+    par = _get(cfg, "parallelize", None)
+    if not isinstance(par, dict):
+        return
+    fsdp = par.get("fsdp") or {}
+    if sharded_strategy(cfg):
+        precision = str(_get(cfg, "trainer.precision", "32-true"))
+        if precision not in ("32-true", "32", "bf16-mixed"):
+            raise UserError(f"trainer.precision={precision}: under trainer=fsdp the mixed precision is the FSDP2 policy "
+                            "(parallelize.fsdp.param_dtype / reduce_dtype: bf16 parameters, fp32 reduction by "
+                            "default); use trainer.precision=32-true")
+        for name in ("param_dtype", "reduce_dtype"):
+            v = fsdp.get(name)
+            if str(v).lower() not in ("fp32", "float32", "bf16", "bfloat16"):
+                raise UserError(f"parallelize.fsdp.{name}={v!r}: expected fp32 or bf16 (fp16 needs loss scaling, "
+                                "which the FSDP2 path does not run)")
+    if par.get("compile"):
+        backend = str(par.get("compile_backend", "inductor"))
+        import torch._dynamo
+
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise UserError(f"parallelize.compile_backend={backend!r}: not a torch.compile backend; expected one of "
+                            f"{sorted(torch._dynamo.list_backends())}")
+        accelerator = str(_get(cfg, "trainer.accelerator", "auto"))
+        import torch
+
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        if backend == "inductor" and on_cpu:
+            import shutil
+
+            cxx = os.environ.get("CXX", "g++")
+            if shutil.which(cxx) is None and shutil.which("c++") is None:
+                raise UserError(f"parallelize.compile=true with compile_backend=inductor on the CPU needs a C++ "
+                                f"compiler ({cxx} not found); install one, or use parallelize.compile_backend=aot_eager")
+    total = par.get("global_batch_size")
+    if total is not None:
+        if not _is_int(total) or total < 1:
+            raise UserError(f"parallelize.global_batch_size={total!r}: expected an integer >= 1 (or null)")
+        procs = _process_count(cfg)
+        accumulate = _get(cfg, "trainer.accumulate_grad_batches", 1) or 1
+        if procs is not None:
+            per = procs * int(accumulate)
+            what = (f"trainer.devices x trainer.num_nodes = {procs} process(es)" +
+                    (f" x trainer.accumulate_grad_batches={accumulate}" if accumulate != 1 else ""))
+            if total % per:
+                raise UserError(f"parallelize.global_batch_size={total}: not divisible by {what}; choose a device "
+                                "count that divides the batch")
+            batch = _get(cfg, "data.batch_size", None)
+            if batch is not None and batch != total // per:
+                raise UserError(f"data.batch_size={batch}: parallelize.global_batch_size={total} over {what} is "
+                                f"{total // per} per process; set data.batch_size={total // per}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Every start-up check above; raises the first ``UserError`` found."""
     check_numbers(cfg)
+    check_parallelism(cfg)
     check_clip_geometry(cfg)
     check_checkpoints(cfg)
     check_data(cfg)
