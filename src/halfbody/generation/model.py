@@ -118,6 +118,9 @@ def model_config(cfg: DictConfig) -> tuple[DictConfig, DictConfig, Path | None]:
         if "init_checkpoint" in model_cfg:
             model_cfg.init_checkpoint = None  # the checkpoint's weights are loaded below
         if "phd_loss" in model_cfg:
+            phases = OmegaConf.select(root, "callbacks.curriculum.phases", default=None)
+            if phases is not None:  # APDH phases read ${model.phd_loss.schedule.*}: resolve them before it goes
+                root.callbacks.curriculum.phases = OmegaConf.create(OmegaConf.to_container(phases, resolve=True))
             model_cfg.phd_loss = None  # a training loss: its extractors' weights are not needed to sample
         if cfg.get("sampler"):
             cls, pipeline = family_pipeline(model_cfg.get("_target_"))
