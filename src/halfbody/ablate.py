@@ -1,9 +1,9 @@
-"""Ablation-table entry point: ``python -m halfbody.ablate table=echomimic_v2_table2 [preset=tiny_cpu]``.
+"""Ablation-table entry point: ``python -m halfbody.ablate table=echomimic_v2_table2 [train_preset=tiny_cpu]``.
 
 It composes and runs (lightning-hydra-template style); the work is done by the other entry points. For every row of
 ``conf/table/<table>.yaml`` (the paper's rows, in its order: EchoMimicV2 Table 2, MirrorMe Table 1):
 
-1. **train**: ``python -m halfbody.train experiment=<row> [preset=...] <train_overrides> <row overrides>`` in a
+1. **train**: ``python -m halfbody.train experiment=<row> [preset=<train_preset>] <train_overrides> <row overrides>`` in a
    subprocess of its own (a crash in one row does not stop the table), into ``<output_dir>/rows/<id>/run``; or
    **collect** a finished run: the row's ``checkpoint`` key, or a run of an earlier call that finished with the same
    command line. An interrupted run resumes from its ``last.ckpt``.
@@ -242,7 +242,7 @@ class TableRunner:
         self.rows = table_rows(cfg)
         self.columns = table_columns(cfg)
         self.out = Path(os.path.expanduser(str(cfg.output_dir))).resolve()
-        self.preset = cfg.get("preset")
+        self.preset = cfg.get("train_preset")
         self.train_overrides = _strings(cfg.get("train_overrides"), "train_overrides")
         self.generate_overrides = _strings(cfg.get("generate_overrides"), "generate_overrides")
         self.evaluate_overrides = _strings(cfg.get("evaluate_overrides"), "evaluate_overrides")

@@ -11,10 +11,14 @@ checks run generate / evaluate on real files exactly as a user would::
 
 Per clip ``<key>`` (the shard key, made file-name safe) the folder gets:
 
-- ``<key>.png``: the shard's ``ref.png`` / ``ref.jpg`` (the same crop as the clip), else the clip's first frame;
+- ``<key>.ref.png``: the shard's ``ref.png`` / ``ref.jpg`` (the same crop as the clip), else the clip's first frame
+  (then with its keypoints, ``<key>.ref.kpts.npy``, ``(1, 133, 3)``);
 - ``<key>.wav``: the clip's audio (the shard's wav as is; re-written at its own rate when cut to ``max_seconds``);
-- ``<key>.pose.npy``: float32 ``(T, 133, 3)`` keypoints, normalised to the clip's frame (which is the reference's);
+- ``<key>.kpts.npy``: float32 ``(T, 133, 3)`` keypoints, normalised to the clip's frame (which is the reference's):
+  the list's pose column, and the ground truth's keypoint sidecar for ``halfbody.evaluate``;
 - ``<key>.mp4``: the ground-truth clip (the shard's mp4 bytes as is; re-encoded, H.264 CRF 18, when cut);
+- ``<key>.json``: the shard's ``json`` (``num_frames`` updated when cut; ``halfbody.evaluate`` reads its ``source`` to
+  recognise the synthetic world);
 - ``test_list.txt`` and ``test_set.json`` (the clips, their identities and kinds, the shards, the samples skipped
   and why).
 
@@ -160,12 +164,19 @@ def export_test_set(shards: str | Sequence[str], out_dir: str | Path, *, max_cli
             while name in names:
                 name += "_"
             names.add(name)
-            files = {"image": f"{name}.png", "audio": f"{name}.wav", "pose": f"{name}.pose.npy",
-                     "video": f"{name}.mp4"}
+            files = {"image": f"{name}.ref.png", "audio": f"{name}.wav", "pose": f"{name}.kpts.npy",
+                     "video": f"{name}.mp4", "meta": f"{name}.json"}
             n, fps = c["frames_n"], c["fps"]
             cut = n < c["frames"].shape[0] or n < c["kpts"].shape[0]
             _write_png(out / files["image"], c["ref"] if c["ref"] is not None else c["frames"][0])
+            if c["ref"] is None:  # the first frame: its keypoints are known
+                files["image_keypoints"] = f"{name}.ref.kpts.npy"
+                _write_npy(out / files["image_keypoints"], np.ascontiguousarray(c["kpts"][:1]))
+            else:
+                (out / f"{name}.ref.kpts.npy").unlink(missing_ok=True)
             _write_npy(out / files["pose"], np.ascontiguousarray(c["kpts"][:n]))
+            with atomic_output(out / files["meta"]) as tmp:
+                tmp.write_text(json.dumps({**c["meta"], "num_frames": n}))
             if cut:
                 a = c["audio"]
                 samples = a.samples[: int(round(n / fps * a.rate))]
