@@ -69,7 +69,7 @@ def collect_pairs(cfg: DictConfig):
     pairs = []
     inputs: dict[str, Any] = {"generated": str(gen_dir)}
     if cfg.get("list"):
-        from halfbody.generate import Job, _row_jobs
+        from halfbody.generation.jobs import Job, _row_jobs
 
         rows, list_path = _row_jobs(str(cfg.list), gen_dir)
         inputs["list"] = str(list_path)
