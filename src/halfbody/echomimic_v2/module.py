@@ -186,7 +186,11 @@ class EchoMimicV2Module(AnimationModule):
         x0 = cond["latents"]
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = self.noise_scheduler.sample_timesteps(b, device=x0.device, generator=generator)
+        # timesteps drawn on the host (uniform in [0, T), as sample_timesteps): the PhD loss picks the samples to
+        # decode from them without reading the device back
+        rng = self.host_rng(generator)
+        t_host = [rng.randrange(self.noise_scheduler.num_train_timesteps) for _ in range(b)]
+        t = torch.tensor(t_host, dtype=torch.long).to(x0.device, non_blocking=True)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         target = self.noise_scheduler.velocity_target(x0, noise, t)
         keeps = self.condition_keep_masks(b, generator) if training else {}
@@ -198,7 +202,7 @@ class EchoMimicV2Module(AnimationModule):
         if not (training and self.phd_loss is not None and self.phd_loss.enabled):
             return latent, logs
         phd = self.phd_loss(xt, pred, t, batch["video"], decode=self.autoencoder.decode,
-                            scheduler=self.noise_scheduler, valid=batch["valid"])
+                            scheduler=self.noise_scheduler, valid=batch["valid"], t_host=t_host)
         logs.update({k: v.detach() for k, v in phd.logs.items()})
         return latent + phd.loss.mean(), logs
 

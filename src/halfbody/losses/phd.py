@@ -22,7 +22,7 @@ a paper-scale extractor never changes a checkpoint's keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -170,7 +170,7 @@ class PhDLoss(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor, target_pixels: torch.Tensor,
                 decode: Callable[[torch.Tensor], torch.Tensor], scheduler: _X0Predictor,
-                valid: torch.Tensor | None = None) -> PhDOutput:
+                valid: torch.Tensor | None = None, t_host: Sequence[int] | None = None) -> PhDOutput:
         """The extra loss per sample.
 
         Args:
@@ -182,6 +182,8 @@ class PhDLoss(nn.Module):
                 must keep the graph to its input.
             scheduler: gives ``predict_x0`` (one-step ``x0_hat``, §3.5) and ``num_train_timesteps``.
             valid: optional ``(B, F, 1, H, W)`` mask, 0 on padding.
+            t_host: ``t`` as host integers (the training step draws them on the host): the samples to decode and
+                each band's samples are then chosen without reading the device back (no host synchronisation).
         """
         if x_t.ndim != 5 or v_pred.shape != x_t.shape:
             raise ValueError(f"x_t and v_pred must both be (B, F, C, h, w), got {tuple(x_t.shape)} and "
@@ -204,10 +206,22 @@ class PhDLoss(nn.Module):
         for term, _ in active.values():
             logs[f"phd/{term}"] = torch.zeros((), device=x_t.device)
             logs[f"phd/{term}_n"] = torch.zeros((), device=x_t.device)
-        masks = self.bands.band_masks(t)
-        need = self.needs_decode(t)
-        idx = need.nonzero(as_tuple=True)[0]
-        if idx.numel():
+        if t_host is not None:  # band membership from host integers
+            t_host = [int(v) for v in t_host]
+            if len(t_host) != b or not all(0 <= v < T for v in t_host):
+                raise ValueError(f"t_host must be {b} integers in [0, {T}), got {t_host}")
+            ranges = self.bands.ranges()
+            in_band = {band: [lo <= v < hi for v in t_host] for band, (lo, hi) in ranges.items()}
+            need_host = [i for i in range(b) if any(in_band[band][i] for band in active)]
+            idx = torch.tensor(need_host, dtype=torch.long).to(x_t.device, non_blocking=True)
+            selected = {band: [j for j, i in enumerate(need_host) if in_band[band][i]] for band in active}
+            n_decoded = len(need_host)
+        else:
+            masks = self.bands.band_masks(t)
+            idx = self.needs_decode(t).nonzero(as_tuple=True)[0]
+            selected = {band: masks[band][idx].nonzero(as_tuple=True)[0] for band in active}
+            n_decoded = int(idx.numel())
+        if n_decoded:
             x0_hat = scheduler.predict_x0(x_t[idx], v_pred[idx], t[idx])  # one-step sampling (§3.5)
             pixels = decode(x0_hat)  # D(Z_0^t): the only decode of this step
             target = target_pixels[idx]
@@ -216,22 +230,25 @@ class PhDLoss(nn.Module):
                                  f"expected the target's {tuple(target.shape)}")
             sub_valid = None if valid is None else valid[idx]
             for band, (term, weight) in active.items():
-                sel = masks[band][idx].nonzero(as_tuple=True)[0]  # positions within the decoded sub-batch
-                if not sel.numel():
+                sel = selected[band]  # positions within the decoded sub-batch
+                n_sel = len(sel)
+                if not n_sel:
                     continue
+                if not torch.is_tensor(sel):
+                    sel = torch.tensor(sel, dtype=torch.long).to(x_t.device, non_blocking=True)
                 frames = lambda x: x[sel].flatten(0, 1)  # (n, F, ...) -> (n F, ...)  # noqa: E731
                 per_frame = self.terms[term](frames(pixels), frames(target),
                                              None if sub_valid is None else frames(sub_valid))
                 value = per_clip(per_frame.float(), f)  # (n,)
                 loss = loss.index_add(0, idx[sel], weight * value)
                 logs[f"phd/{term}"] = logs[f"phd/{term}"] + value.detach().sum()
-                logs[f"phd/{term}_n"] = logs[f"phd/{term}_n"] + sel.numel()
+                logs[f"phd/{term}_n"] = logs[f"phd/{term}_n"] + n_sel
         for term, _ in active.values():
             n = logs[f"phd/{term}_n"]
             logs[f"phd/{term}"] = logs[f"phd/{term}"] / n.clamp_min(1.0)
-        logs["phd/decoded"] = torch.tensor(float(idx.numel()), device=x_t.device)
+        logs["phd/decoded"] = torch.tensor(float(n_decoded), device=x_t.device)
         logs["phd/loss"] = loss.detach().mean()
-        return PhDOutput(loss=loss, logs=logs, decoded=int(idx.numel()))
+        return PhDOutput(loss=loss, logs=logs, decoded=n_decoded)
 
 
 def _drop_term_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -133,9 +133,10 @@ class MirrorMeModule(AnimationModule):
             return super().audio_features(batch, num_frames)
         num_frames = num_frames or batch["video"].shape[1]
         fps = self.batch_fps(batch)
-        offsets = batch["audio_context_offset"].double().cpu() - past * self.audio_encoder.sample_rate / fps
+        shift = past * self.audio_encoder.sample_rate / fps
+        offsets = [o - shift for o in self.host_values(batch, "audio_context_offset")]  # host numbers: no read-back
         feats = self.audio_encoder(batch["audio_context"], num_frames=past + num_frames, fps=fps, offsets=offsets,
-                                   lengths=batch["audio_context_length"])
+                                   lengths=self.host_values(batch, "audio_context_length"))
         return feats.to(batch["video"].dtype)
 
     def audio_inputs(self, batch: dict[str, Any], training_mask: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -155,11 +156,12 @@ class MirrorMeModule(AnimationModule):
     # ----------------------------------------------------------------------------------------------- loss
     def draw_motion_frames(self, latent_frames: int, generator: torch.Generator | None) -> int:
         """Motion frames for this training step (§3.2): 0, or 1..max_latent_frames leading clean latent frames."""
-        u = torch.rand(2, generator=generator, device=generator.device if generator is not None else "cpu")
+        rng = self.host_rng(generator)  # the count sets shapes: drawn on the host, no device read-back
+        u = (rng.random(), rng.random())
         limit = min(self.max_motion_frames, latent_frames - 1)
-        if limit < 1 or float(u[0]) >= self.motion_probability:
+        if limit < 1 or u[0] >= self.motion_probability:
             return 0
-        return 1 + min(int(float(u[1]) * limit), limit - 1)
+        return 1 + min(int(u[1] * limit), limit - 1)
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                        training: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

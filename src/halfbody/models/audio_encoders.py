@@ -90,6 +90,15 @@ def frame_window_indices(num_frames: int, fps: float, window: int | Sequence[int
     return idx.clamp_(0, num_steps - 1).to(device)
 
 
+def _host_floats(values: torch.Tensor | Sequence[float]) -> list[float]:
+    """Per-sample numbers as Python floats (a tensor is read back once; host sequences pass as they are)."""
+    return [float(v) for v in (values.double().cpu().tolist() if torch.is_tensor(values) else values)]
+
+
+def _host_ints(values: torch.Tensor | Sequence[int]) -> list[int]:
+    return [int(v) for v in (values.cpu().tolist() if torch.is_tensor(values) else values)]
+
+
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
     """A short hex fingerprint of a local checkpoint directory (or of one checkpoint file).
 
@@ -229,8 +238,8 @@ class AudioEncoder(nn.Module, metaclass=abc.ABCMeta):
                                        centring=self.centring)
             idx = idx.expand(b, -1, -1)
         else:
-            starts = [0.0] * b if start_steps is None else [float(v) for v in start_steps]
-            valid = [t] * b if valid_steps is None else [min(int(v), t) for v in valid_steps]
+            starts = [0.0] * b if start_steps is None else _host_floats(start_steps)
+            valid = [t] * b if valid_steps is None else [min(v, t) for v in _host_ints(valid_steps)]
             idx = torch.stack([frame_window_indices(num_frames, fps, self.window, valid[i], self.feature_rate,
                                                     device=seq.device, start_step=starts[i], centring=self.centring)
                                for i in range(b)])
@@ -243,25 +252,30 @@ class AudioEncoder(nn.Module, metaclass=abc.ABCMeta):
     def context_features(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, S)`` zero-padded audio of per-sample ``lengths`` -> ``(B, T50, L, d)``: each sample's features as if
         encoded alone (batched when trailing zeros cannot change the features, ``padding_invariant``)."""
-        if lengths is None or self.padding_invariant or bool((lengths == audio.shape[1]).all()):
+        if lengths is None or self.padding_invariant:
             return self.sequence_features(audio)
-        seqs = [self.sequence_features(audio[i : i + 1, : int(n)])[0] for i, n in enumerate(lengths)]
+        lengths = _host_ints(lengths)
+        if all(n == audio.shape[1] for n in lengths):
+            return self.sequence_features(audio)
+        seqs = [self.sequence_features(audio[i : i + 1, :n])[0] for i, n in enumerate(lengths)]
         return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
 
-    def forward(self, audio: torch.Tensor, num_frames: int, fps: float, offsets: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, audio: torch.Tensor, num_frames: int, fps: float,
+                offsets: torch.Tensor | Sequence[float] | None = None,
+                lengths: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """``(B, S)`` 16 kHz audio -> ``(B, num_frames, K, D)`` windows of 50 Hz features.
 
         With an audio context (EchoMimicV2 parity issue §1), ``audio`` holds more than the frames: ``offsets`` ``(B,)``
         is each sample's first frame in samples, ``lengths`` ``(B,)`` its unpadded length. The encoder runs on the
         whole context and each frame's window is sliced from it, so a frame hears the speech around it whatever
-        the training window.
+        the training window. ``offsets`` and ``lengths`` given as host numbers (the training step's
+        ``batch["host"]``) keep the step free of device read-backs.
         """
         seq = self.context_features(audio, lengths)
         if offsets is None and lengths is None:
             return self.windows(seq, num_frames, fps)
-        starts = None if offsets is None else offsets.double().cpu() / SAMPLES_PER_STEP
-        valid = None if lengths is None else [self.num_steps(int(n)) for n in lengths]
+        starts = None if offsets is None else [v / SAMPLES_PER_STEP for v in _host_floats(offsets)]
+        valid = None if lengths is None else [self.num_steps(n) for n in _host_ints(lengths)]
         return self.windows(seq, num_frames, fps, starts, valid)
 
 
@@ -394,14 +408,17 @@ class WhisperAudioEncoder(AudioEncoder):
         # each 30 s window is zero-padded by Whisper itself, so trailing zeros change nothing before them; the
         # release's log-mel floor depends on the whole input (and reflects at its end), so it is not
         self.padding_invariant = mel == "transformers"
+        # the log-mel runs on the encoder's device with torch ops (no copy to the host and back per training step)
+        self.register_buffer("stft_window", torch.hann_window(fe.n_fft), persistent=False)
         if mel == "release":
             from transformers.audio_utils import mel_filter_bank
 
             filters = mel_filter_bank(num_frequency_bins=1 + N_FFT // 2, num_mel_filters=cfg.num_mel_bins,
                                       min_frequency=0.0, max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE,
                                       norm="slaney", mel_scale="slaney")  # librosa's filters, as the release's asset
-            self.register_buffer("mel_filters", torch.from_numpy(filters.T).float(), persistent=False)
-            self.register_buffer("stft_window", torch.hann_window(N_FFT), persistent=False)
+        else:
+            filters = fe.mel_filters  # (n_freq, n_mels): the feature extractor's own filters
+        self.register_buffer("mel_filters", torch.as_tensor(filters.T).float().contiguous(), persistent=False)
         self.layers = layers
         self.hidden_size = int(cfg.d_model)
         self.num_layers = int(cfg.encoder_layers) + 1 if layers in ("all", "blocks") else 1
@@ -418,7 +435,21 @@ class WhisperAudioEncoder(AudioEncoder):
 
     def log_mel(self, audio: torch.Tensor) -> torch.Tensor:
         """``(N, S')`` with ``S' <= window_samples`` -> ``(N, num_mel_bins, mel_frames)`` padded log-mel features
-        (``mel="transformers"``)."""
+        (``mel="transformers"``): ``WhisperFeatureExtractor``'s log-mel (zero padding to the window, centred STFT with
+        a Hann window, the last frame dropped, its mel filters, ``log10(max(., 1e-10))``, each window's floor at its
+        max - 8, ``(x + 4) / 4``) computed with torch ops on ``audio``'s device."""
+        fe = self.feature_extractor
+        if getattr(fe, "dither", 0.0):  # random dither: the extractor's own path
+            return self._extractor_log_mel(audio)
+        x = Fn.pad(audio.detach().float(), (0, max(0, self.window_samples - audio.shape[1])))
+        stft = torch.stft(x, fe.n_fft, fe.hop_length, window=self.stft_window.to(x.device, torch.float32),
+                          return_complex=True)
+        power = stft[..., :-1].abs() ** 2
+        log = torch.clamp(self.mel_filters.to(x.device, torch.float32) @ power, min=1e-10).log10()
+        log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
+        return (log + 4.0) / 4.0
+
+    def _extractor_log_mel(self, audio: torch.Tensor) -> torch.Tensor:
         feats = self.feature_extractor(
             [a for a in audio.detach().float().cpu().numpy()], sampling_rate=SAMPLE_RATE, return_tensors="pt",
             padding="max_length", max_length=self.window_samples, truncation=False,
@@ -433,10 +464,10 @@ class WhisperAudioEncoder(AudioEncoder):
         n_frames = x.shape[1] // HOP_LENGTH
         if x.shape[1] <= N_FFT // 2:  # too short to reflect-pad (the release fails there); zeros after it
             x = Fn.pad(x, (0, N_FFT // 2 + 1 - x.shape[1]))
-        stft = torch.stft(x, N_FFT, HOP_LENGTH, window=self.stft_window.to(x.device), center=True,
+        stft = torch.stft(x, N_FFT, HOP_LENGTH, window=self.stft_window.to(x.device, torch.float32), center=True,
                           pad_mode="reflect", return_complex=True)
         power = stft[..., :n_frames].abs() ** 2  # drops the last frame (and the frames of the zeros above)
-        spec = self.mel_filters.to(x.device) @ power
+        spec = self.mel_filters.to(x.device, torch.float32) @ power
         log = torch.clamp(spec, min=1e-10).log10()
         floor = log.amax(dim=(1, 2), keepdim=True) - 8.0 if n_frames else log
         return (torch.maximum(log, floor) + 4.0) / 4.0

@@ -14,6 +14,7 @@ A family implements ``diffusion_loss(batch, generator, training) -> (loss, logs)
 from __future__ import annotations
 
 import abc
+import random
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -185,6 +186,11 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
         if field and self.audio_encoder.identity.lower() not in field.lower():  # webdataset lower-cases field names
             raise ValueError(f"data.audio_feats_field={field!r} was not computed by this model's audio encoder: "
                              f"its name must contain {self.audio_encoder.identity!r}")
+        # an autoencoder fitted on the training data on first use (CompactAutoencoder) fits now: the datamodule has
+        # prepared its data (e.g. generated the synthetic world), the network only needed the latent shape
+        prepare = getattr(self.autoencoder, "prepare", None)
+        if callable(prepare):
+            prepare()
 
     def configure_callbacks(self):
         """Callbacks every family needs whatever the callbacks config holds: the ``data/*`` bad-sample counters
@@ -198,6 +204,19 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
     def on_fit_start(self) -> None:
         self._base_seed = torch.initial_seed()  # what seed_everything set: the same in a run and its resumption
 
+    def host_rng(self, generator: torch.Generator | None) -> random.Random:
+        """The step's host-side randomness (Python ``random``), seeded from ``generator``'s seed, which the host holds:
+        decisions that set shapes or branches (condition dropout, motion frames, timestep bands) are drawn here, so
+        the step never reads a device tensor back (no host synchronisation). One stream per generator (a step's
+        draws are independent of each other); ``None``: from Python's global RNG (seeded by ``seed_everything``)."""
+        if generator is None:
+            return random.Random(random.getrandbits(63))
+        cached = getattr(self, "_host_rng", None)
+        if cached is None or cached[0] is not generator:
+            cached = (generator, random.Random(generator.initial_seed() * 2 + 1))
+            self._host_rng = cached
+        return cached[1]
+
     def step_generator(self) -> torch.Generator:
         """The training step's randomness as a function of (seed, global step, rank): ranks draw differently, and a
         resumed run draws exactly what the uninterrupted run drew."""
@@ -205,10 +224,38 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     # ----------------------------------------------------------------------------------------------- helpers
+    # Batch values the training step needs on the host, read while the batch is still in host memory (no
+    # read-back from the device per step): batch["host"] = {"fps": float, "audio_context_offset": [int],
+    # "audio_context_length": [int]}.
+    HOST_KEYS = ("audio_context_offset", "audio_context_length")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "host" not in batch and torch.is_tensor(batch.get("fps")):
+            fps = batch["fps"].detach().cpu()  # before the transfer: host memory, no synchronisation
+            host: dict[str, Any] = {"fps": float(fps.reshape(-1)[0]) if fps.numel() else None}
+            for k in self.HOST_KEYS:
+                if torch.is_tensor(batch.get(k)):
+                    host[k] = [int(v) for v in batch[k].detach().cpu().tolist()]
+            batch["host"] = host
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     @staticmethod
     def batch_fps(batch: dict[str, Any]) -> float:
+        host = batch.get("host")
+        if isinstance(host, dict) and host.get("fps") is not None:
+            return host["fps"]
         fps = batch["fps"]
         return float(fps[0]) if torch.is_tensor(fps) and fps.ndim else float(fps)
+
+    @staticmethod
+    def host_values(batch: dict[str, Any], key: str) -> list | None:
+        """``batch[key]`` as a list of host numbers: as :meth:`transfer_batch_to_device` read them (no device
+        read-back), else read from the tensor (outside training, e.g. ``generate``)."""
+        host = batch.get("host")
+        if isinstance(host, dict) and key in host:
+            return host[key]
+        value = batch.get(key)
+        return None if value is None else value.tolist() if torch.is_tensor(value) else list(value)
 
     @torch.no_grad()
     def audio_features(self, batch: dict[str, Any], num_frames: int | None = None) -> torch.Tensor:
@@ -219,8 +266,8 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
             num_frames = num_frames or batch["video"].shape[1]
             if "audio_context" in batch:
                 feats = self.audio_encoder(batch["audio_context"], num_frames=num_frames, fps=self.batch_fps(batch),
-                                           offsets=batch["audio_context_offset"],
-                                           lengths=batch["audio_context_length"])
+                                           offsets=self.host_values(batch, "audio_context_offset"),
+                                           lengths=self.host_values(batch, "audio_context_length"))
             else:
                 feats = self.audio_encoder(batch["audio"], num_frames=num_frames, fps=self.batch_fps(batch))
         return feats.to(batch["video"].dtype)
@@ -228,17 +275,18 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
     def condition_keep_masks(self, batch_size: int, generator: torch.Generator | None = None
                              ) -> dict[str, torch.Tensor | None]:
         """Independent per-sample condition dropout for CFG training (``{name}_keep`` bool ``(B,)``, or None when
-        nothing is dropped). An ``uncond`` probability, when the family has one, drops ``UNCOND_CONDITIONS`` together."""
+        nothing is dropped). An ``uncond`` probability, when the family has one, drops ``UNCOND_CONDITIONS`` together.
+        Drawn on the host (:meth:`host_rng`): whether anything is dropped is known without a device read-back."""
         p = self.condition_dropout
-        uncond = None
-        if "uncond" in p:
-            uncond = torch.rand(batch_size, device=self.device, generator=generator) < p["uncond"]
+        rng = self.host_rng(generator)
+        uncond = [rng.random() < p["uncond"] for _ in range(batch_size)] if "uncond" in p else None
         keeps = {}
         for name in ("ref", "audio", "pose"):
-            drop = torch.rand(batch_size, device=self.device, generator=generator) < p.get(name, 0.0)
+            drop = [rng.random() < p.get(name, 0.0) for _ in range(batch_size)]
             if uncond is not None and name in self.UNCOND_CONDITIONS:
-                drop |= uncond
-            keeps[f"{name}_keep"] = None if not bool(drop.any()) else ~drop  # None: no mask (faster kernels)
+                drop = [d or u for d, u in zip(drop, uncond)]
+            keep = torch.tensor([not d for d in drop], dtype=torch.bool).to(self.device, non_blocking=True)
+            keeps[f"{name}_keep"] = keep if any(drop) else None  # None: no mask (faster kernels)
         return keeps
 
     # ----------------------------------------------------------------------------------------------- steps
