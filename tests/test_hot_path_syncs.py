@@ -101,3 +101,45 @@ def test_training_step_reads_nothing_back(tmp_path, shards, family, extra):
     model.training_step = guarded
     trainer.fit(model, datamodule=datamodule)
     assert seen == [] and len(steps) == 2 and all(np.isfinite(steps))
+
+
+def test_whisper_log_mel_on_the_device_equals_the_feature_extractor():
+    """``mel: transformers`` computes WhisperFeatureExtractor's log-mel with torch ops on the encoder's device."""
+    from halfbody.models.audio_encoders import WhisperAudioEncoder
+
+    enc = WhisperAudioEncoder(None, random_config=dict(
+        d_model=16, encoder_layers=1, encoder_attention_heads=2, decoder_layers=1, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, num_mel_bins=80, max_source_positions=1500))
+    audio = torch.randn(3, 24000, generator=torch.Generator().manual_seed(0)) * 0.1
+    audio[1, 9000:] = 0.0  # a padded context: its own floor
+    audio[2] *= 30.0
+    ours = enc.log_mel(audio)
+    reference = enc.feature_extractor([a for a in audio.numpy()], sampling_rate=16000, return_tensors="pt",
+                                      padding="max_length", max_length=enc.window_samples).input_features
+    assert ours.shape == reference.shape == (3, 80, 3000)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_phd_bands_from_host_timesteps_give_the_same_loss():
+    """The PhD loss picks the decoded samples and each band's samples from host integers exactly as from the tensor."""
+    from halfbody.losses.phd import PhDLoss
+    from halfbody.models.autoencoders import PatchAutoencoder
+    from halfbody.models.schedulers import VPredictionDDIM
+
+    torch.manual_seed(0)
+    phd = PhDLoss.tiny(schedule={"S1": ["pose", 0.1], "S2": ["detail", 0.1], "S3": ["low", 0.1]})
+    ae = PatchAutoencoder(patch_size=4)
+    sched = VPredictionDDIM(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    video = torch.rand(4, 2, 3, 32, 32) * 2 - 1
+    x_t = ae.encode(video) + 0.1 * torch.randn(4, 2, ae.latent_channels, 8, 8)
+    v = torch.randn_like(x_t)
+    t_host = [950, 500, 100, 20]  # S1, S2, S3, S3
+    t = torch.tensor(t_host)
+    a = phd(x_t, v, t, video, decode=ae.decode, scheduler=sched)
+    b = phd(x_t, v, t, video, decode=ae.decode, scheduler=sched, t_host=t_host)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    assert a.decoded == b.decoded == 4 and a.logs.keys() == b.logs.keys()
+    for k in a.logs:
+        torch.testing.assert_close(a.logs[k], b.logs[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="t_host"):
+        phd(x_t, v, t, video, decode=ae.decode, scheduler=sched, t_host=[1000, 0, 0, 0])
