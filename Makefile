@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline official-parity clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline official-parity table2-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,17 @@ bench-pipeline:  ## video_to_shards speed without the pose model (clips per minu
 official-parity:  ## ~3 min CPU: our EchoMimicV2 vs the official code on the same random weights (OFFICIAL=<checkout>)
 	@test -n "$(OFFICIAL)" || { echo "error: OFFICIAL is not set: make official-parity OFFICIAL=<a checkout of antgroup/echomimic_v2>" >&2; exit 2; }
 	WANDB_MODE=disabled $(PY) benchmarks/official_parity.py --official "$(OFFICIAL)" $(ARGS)
+
+# EchoMimicV2 Table 2 on CPU: 12 rows x (7 phases x TABLE2_STEPS steps of the tiny preset), each generating and
+# scoring TABLE2_CLIPS held-out synthetic clips (benchmarks/RESULTS.md). Re-running skips finished rows.
+TABLE2_STEPS ?= 8
+TABLE2_CLIPS ?= 4
+TABLE2_SAMPLING_STEPS ?= 10
+table2-cpu:  ## ~45 min CPU: the whole EchoMimicV2 Table 2 with tiny models -> logs/ablate/echomimic_v2_table2_cpu/table.md
+	$(PY) -m halfbody.ablate table=echomimic_v2_table2 train_preset=tiny_cpu output_dir=logs/ablate/echomimic_v2_table2_cpu \
+		'train_overrides=["callbacks.curriculum.max_steps_per_phase=$(TABLE2_STEPS)","trainer.val_check_interval=$(TABLE2_STEPS)","trainer.limit_val_batches=0","logger=csv"]' \
+		'generate_overrides=["steps=$(TABLE2_SAMPLING_STEPS)"]' 'evaluate_overrides=["protocol.resolution=64"]' \
+		test_set.max_clips=$(TABLE2_CLIPS) $(ARGS)
 
 clean:
 	rm -rf logs multirun outputs .pytest_cache

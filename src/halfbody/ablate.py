@@ -189,9 +189,11 @@ def _compose_context() -> Iterator[None]:
             yield
 
 
-def compose_entry(config_name: str, overrides: Sequence[str], output_dir: Path, key: str) -> DictConfig:
-    """``conf/<config_name>.yaml`` with ``overrides`` (a bad one is a UserError naming ``key``), its outputs under
-    ``output_dir`` (Hydra's own keys dropped, as only its launcher resolves them)."""
+def compose_entry(config_name: str, overrides: Sequence[str], output_dir: Path, key: str,
+                  where: str | None = None) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides`` (a bad one is a UserError naming ``where``, by default
+    ``key=<overrides>``), its outputs under ``output_dir`` (Hydra's own keys dropped: only its launcher resolves
+    them)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -199,7 +201,7 @@ def compose_entry(config_name: str, overrides: Sequence[str], output_dir: Path, 
         with _compose_context():
             cfg = hydra.compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise UserError(f"{key}={list(overrides)}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{where or f'{key}={list(overrides)}'}: {str(e).splitlines()[0]}") from e
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
@@ -297,10 +299,13 @@ class TableRunner:
             ckpt = Path(os.path.expanduser(row.checkpoint)).resolve()
             if not ckpt.is_file():
                 raise RowFailed("collect", f"table.rows[{row.index}].checkpoint={row.checkpoint!r}: no such file")
-            config = ckpt.parent.parent / ".hydra" / "config.yaml" if ckpt.parent.name == "checkpoints" else None
+            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+            config = run / ".hydra" / "config.yaml" if run is not None else None
+            trained = _read_json(run.parent / "train.json") if run is not None else None  # a run of ablate's
             return {"mode": "collected", "checkpoint": str(ckpt),
                     "config": str(config) if config is not None and config.is_file() else None,
-                    "command": None, "commit": None, "train_s": 0.0}
+                    "command": (trained or {}).get("command"), "commit": (trained or {}).get("commit"),
+                    "train_s": 0.0, "trained_s": (trained or {}).get("train_s")}
         run_dir = row_dir / "run"
         last = run_dir / "checkpoints" / "last.ckpt"
         argv = self.train_argv(row)
@@ -401,7 +406,8 @@ class TableRunner:
         if row.checkpoint:
             return None
         try:
-            compose_entry("train", self.train_argv(row), self.out, f"table.rows[{row.index}]")
+            compose_entry("train", self.train_argv(row), self.out, "train_overrides",
+                          where=f"table.rows[{row.index}] (experiment={row.experiment}, overrides={row.overrides})")
         except UserError as e:
             return str(e)
         return None
