@@ -180,3 +180,36 @@ def load_pose_model(ckpt_path: str, key: str = "pose_model", device: torch.devic
     if bad:
         raise UserError(f"{key}={ckpt_path!r}: weights do not fit the run's model config ({bad[:3]} ...)")
     return model.eval().to(device)
+
+
+class AutoPose:
+    """``generate pose=auto`` (conf/generate.yaml ``pose_model``): an audio2pose run's checkpoint, loaded at the first
+    call, as a function ``(audio 16 kHz (S,), fps, num_frames, *, ref_kpts, image, extractor, seed, where) ->
+    (num_frames, 133, 3)`` keypoints in ``[0, 1]`` of the reference frame (see :func:`sample_pose`).
+
+    Args:
+        ckpt_path: ``<run>/checkpoints/*.ckpt`` of ``python -m halfbody.train experiment=audio2pose``.
+        steps / guidance_scale: override the model's Euler steps and audio CFG scale.
+        key: the config key named in errors.
+    """
+
+    def __init__(self, ckpt_path: str | None, steps: int | None = None, guidance_scale: float | None = None,
+                 device: str = "cpu", key: str = "pose_model.ckpt_path") -> None:
+        self.ckpt_path, self.steps, self.guidance_scale = ckpt_path, steps, guidance_scale
+        self.device, self.key = device, key
+        self.model: Any = None
+
+    def load(self) -> Any:
+        if self.model is None:
+            if not self.ckpt_path:
+                raise UserError(f"{self.key} is not set: pose=auto samples the hand sequence with an audio-to-pose "
+                                "checkpoint (python -m halfbody.train experiment=audio2pose)")
+            self.model = load_pose_model(str(self.ckpt_path), self.key, self.device)
+        return self.model
+
+    def __call__(self, audio: np.ndarray | torch.Tensor, fps: float, num_frames: int, *,
+                 ref_kpts: np.ndarray | None = None, image: np.ndarray | None = None,
+                 extractor: Callable[[np.ndarray], np.ndarray] | None = None, seed: int = 0,
+                 where: str = "ref") -> np.ndarray:
+        return sample_pose(self.load(), audio, fps, num_frames, ref_kpts=ref_kpts, image=image, extractor=extractor,
+                           seed=seed, num_inference_steps=self.steps, guidance_scale=self.guidance_scale, where=where)

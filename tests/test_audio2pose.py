@@ -1,0 +1,230 @@
+"""The audio-to-hand-pose family (issue 14): gesture metrics, the gesture world, the model, its sampling windows,
+training through the real Trainer, and ``generate pose=auto``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from config_utils import compose_train
+from halfbody.metrics import gestures as gm
+
+FPS = 25.0
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def _bursts(onsets_s, seconds: float) -> np.ndarray:
+    """16 kHz audio: a 200 Hz tone in 0.12 s sin-shaped bursts starting at ``onsets_s``."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    env = np.zeros_like(t)
+    for s in onsets_s:
+        x = (t - s) / 0.12
+        inside = (x > 0) & (x < 1)
+        env[inside] = np.sin(np.pi * x[inside])
+    return (0.5 * env * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+
+
+def _strokes(apexes_s, frames: int) -> np.ndarray:
+    """Keypoints whose arm / hand points loop between apexes with an ease-in-out clock (stops only at apexes)."""
+    from data_pipelines.synthetic_world.gestures import beat_cycle
+
+    t = np.arange(frames) / FPS
+    _, phi = beat_cycle(t, np.asarray(apexes_s, np.float64))
+    k = np.zeros((frames, 133, 3), np.float32)
+    k[..., :2], k[..., 2] = 0.5, 1.0
+    k[:, gm.ARM_HAND_POINTS, 0] += (0.05 * np.sin(2 * np.pi * phi))[:, None]
+    k[:, gm.ARM_HAND_POINTS, 1] -= (0.1 * np.sin(np.pi * phi))[:, None]
+    return k
+
+
+def test_audio_onsets_and_motion_beats_find_what_was_put_there():
+    onsets = [0.3, 0.9, 1.5, 2.2]
+    got = gm.audio_onsets(_bursts(onsets, 3.0))
+    assert len(got) == 4 and np.abs(got - onsets).max() < 0.03
+    beats = gm.motion_beats(_strokes(onsets, 75), FPS)
+    inner = [b for b in beats if 0.2 < b < 2.9]
+    assert len(inner) >= 2 and all(np.abs(np.asarray(onsets) - b).min() <= 0.06 for b in inner)
+
+
+def test_beat_alignment_diversity_fd_and_jitter():
+    assert gm.beat_alignment([1.0, 2.0], [1.0, 2.0]) == pytest.approx(1.0)
+    assert gm.beat_alignment([1.0], [1.1]) == pytest.approx(np.exp(-0.01 / (2 * gm.BEAT_SIGMA ** 2)))
+    assert np.isnan(gm.beat_alignment([], [1.0]))
+    moving = _strokes([0.3, 0.9, 1.5, 2.2], 75)
+    static = np.repeat(moving[:1], 75, axis=0)
+    assert gm.diversity(static) == 0.0 and gm.diversity(moving) > 0.01
+    assert gm.sample_diversity(moving, moving) == 0.0 and gm.sample_diversity(moving, static) > 0.01
+    linear = static.copy()
+    linear[:, gm.ARM_HAND_POINTS, 0] += (0.002 * np.arange(75))[:, None]
+    assert gm.jitter(linear, FPS) == pytest.approx(0.0, abs=0.01) and gm.jitter(moving, FPS) > 1.0
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    assert gm.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert gm.frechet_distance(x, x + 1.0) == pytest.approx(3.0, abs=1e-3)  # mean shift of 1 in 3 dims
+    bad = np.zeros((5, 17, 3))
+    with pytest.raises(ValueError, match=r"\(T, 133, 3\)"):
+        gm.diversity(bad)
+
+
+# ------------------------------------------------------------------------------------------ the world
+def test_gesture_world_strokes_follow_syllable_onsets_with_per_identity_style():
+    """Ground-truth strokes are at stressed syllable onsets (+ the identity's lag), the ground truth's beat alignment
+    is far above the mismatched-audio control, styles differ between identities, and the default world does not
+    change (no gestures in its manifest parameters: its shards stay complete)."""
+    from data_pipelines.synthetic_world import WorldConfig, render_clip
+    from data_pipelines.synthetic_world.generate import _params
+    from data_pipelines.synthetic_world.gestures import gesture_style
+
+    cfg = WorldConfig(gestures=True, resolution=32, num_frames=75)
+    clips = [render_clip(cfg, i, kind="halfbody") for i in range(6)]
+    g = clips[0].meta["synthetic"]["gestures"]
+    style = g["style"]
+    onsets = np.asarray(g["syllable_onsets"])
+    for s in g["stroke_times"]:
+        assert np.abs(onsets + style["lag"] - s).min() < 1e-3
+    m = gm.gesture_metrics(np.stack([c.kpts for c in clips]), np.stack([c.kpts for c in clips]),
+                           np.stack([c.audio for c in clips]), FPS)
+    assert m["gt_beat_alignment"] > m["beat_alignment_mismatched"] + 0.2
+    assert len({gesture_style(0, i).to_json().__repr__() for i in range(8)}) == 8
+    assert "gestures" not in _params(WorldConfig(), 4, 4) and _params(cfg, 4, 4)["gestures"] is True
+    plain = render_clip(WorldConfig(resolution=32, num_frames=75), 0, kind="halfbody")
+    assert "gestures" not in plain.meta["synthetic"]
+    np.testing.assert_array_equal(plain.audio, clips[0].audio)  # the same speech: only the hands change
+
+
+# ------------------------------------------------------------------------------------------ model and sampling
+def _tiny_model(window: int = 12, prefix: int = 4):
+    import hydra
+
+    cfg = compose_train(["family=audio2pose", f"data.num_frames={window}", f"model.prefix_frames={prefix}",
+                         "model.num_inference_steps=2", "model.network.dim=32", "model.network.depth=1",
+                         "model.network.heads=2"])
+    return hydra.utils.instantiate(cfg.model).eval()
+
+
+def test_windows_carry_a_motion_prefix_and_start_from_the_reference():
+    from data_pipelines.synthetic_world import WorldConfig, render_clip
+
+    from halfbody.audio2pose.pipeline import windows
+
+    assert windows(30, 12, 4) == [(0, 1), (8, 4), (16, 4), (18, 10)]
+    assert windows(5, 12, 4) == [(0, 1)]
+    model = _tiny_model()
+    with torch.no_grad():
+        for p in model.network.out.parameters():  # a non-zero output layer, so that windows really move
+            p.normal_(0, 0.5)
+    ref = torch.from_numpy(render_clip(WorldConfig(resolution=32, num_frames=2), 0, "halfbody").kpts[0])
+    seen = []
+    orig = model.pipeline.sample_window
+
+    def spy(audio, reference, prefix_motion, frames, *a, **k):
+        seen.append(prefix_motion.clone())
+        out = orig(audio, reference, prefix_motion, frames, *a, **k)
+        assert torch.equal(out[:, :prefix_motion.shape[1]], prefix_motion)  # the prefix is held exactly
+        return out
+
+    model.pipeline.sample_window = spy
+    feats = torch.randn(1, 30, model.audio_encoder.tokens_per_frame, model.audio_encoder.feature_dim)
+    kpts = model.pipeline(feats, ref[None], 30, generator=torch.Generator().manual_seed(0))
+    assert kpts.shape == (1, 30, 133, 3) and len(seen) == 4
+    assert torch.allclose(kpts[0, 0], ref)  # frame 0 is the reference's own pose
+    from halfbody.audio2pose.keypoint_sequence import POSE_POINTS
+
+    others = [i for i in range(133) if i not in POSE_POINTS]
+    assert torch.equal(kpts[0, :, others], ref[None, others].expand(30, -1, -1))  # the rest is held
+    assert (kpts[0, 1:, list(POSE_POINTS), :2] - ref[list(POSE_POINTS), :2]).abs().max() > 1e-3
+
+
+def test_checkpoint_family_is_recognised_and_bad_values_name_the_key():
+    from halfbody.utils.checkpoint_io import checkpoint_family
+
+    model = _tiny_model()
+    assert checkpoint_family({"state_dict": {f"network.{k}": v for k, v in model.network.state_dict().items()}}) \
+        == "audio2pose"
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"model.prefix_frames=12 must be in \[1, model.window=12\)"):
+        _tiny_model(window=12, prefix=12)
+
+
+# ------------------------------------------------------------------------------------------ training + generation
+TINY = ["model.num_inference_steps=2", "model.network.dim=32", "model.network.depth=1", "model.network.heads=2"]
+
+
+@pytest.fixture(scope="module")
+def pose_run(tmp_path_factory) -> Path:
+    """An audio2pose run directory as training leaves it (``<run>/checkpoints/last.ckpt`` with a Lightning
+    ``state_dict``, ``<run>/.hydra/config.yaml``), its weights random and its mean reference pose a gesture-world
+    frame (what training accumulates), without the cost of training (the slow test trains for real)."""
+    import hydra
+
+    from data_pipelines.synthetic_world import WorldConfig, render_clip
+
+    run = tmp_path_factory.mktemp("a2p_run")
+    cfg = compose_train(["family=audio2pose", "data.num_frames=12", "model.prefix_frames=4", *TINY], run)
+    model = hydra.utils.instantiate(cfg.model)
+    model.mean_reference.copy_(torch.from_numpy(render_clip(WorldConfig(resolution=32, num_frames=1), 0,
+                                                            "halfbody").kpts[0]))
+    model.mean_reference_count.fill_(1.0)
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": model.state_dict(), "global_step": 0}, run / "checkpoints" / "last.ckpt")
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_auto_pose_samples_any_length_and_falls_back_without_a_person(pose_run, tmp_path, caplog):
+    """``AutoPose`` (``generate pose=auto``) loads the run with ``weights_only=True`` and samples 30 frames (several
+    windows); from given reference keypoints frame 0 is that pose; a reference image in which the extractor finds no
+    person falls back to the checkpoint's mean training reference pose, with one log line; a missing checkpoint or
+    another family's run is one line naming the key."""
+    from halfbody.audio2pose.pipeline import AutoPose
+    from halfbody.utils.errors import UserError
+
+    auto = AutoPose(str(pose_run))
+    audio = _bursts([0.2, 0.6, 1.0], 1.2)
+    ref = auto.load().mean_reference.numpy().copy()
+    ref[:, 0] += 0.01
+    kpts = auto(audio, FPS, 30, ref_kpts=ref)
+    assert kpts.shape == (30, 133, 3) and np.isfinite(kpts).all()
+    np.testing.assert_allclose(kpts[0], ref, atol=1e-6)
+    kpts = auto(audio, FPS, 30, image=np.zeros((8, 8, 3), np.uint8), extractor=lambda im: np.zeros((0, 133, 3)))
+    np.testing.assert_allclose(kpts[0], auto.model.mean_reference.numpy(), atol=1e-6)
+    assert sum("no person detected" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(UserError, match="pose_model.ckpt_path=.*does not exist"):
+        AutoPose(str(tmp_path / "missing.ckpt"))(audio, FPS, 4)
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    torch.save({"state_dict": {}}, other / "last.ckpt")
+    (other.parent / ".hydra").mkdir()
+    OmegaConf.save(compose_train([]), other.parent / ".hydra" / "config.yaml")
+    with pytest.raises(UserError, match="not an audio-to-pose one"):
+        AutoPose(str(other / "last.ckpt")).load()
+
+
+@pytest.mark.slow
+def test_training_on_the_gesture_world_logs_gesture_metrics_and_pose_videos(tmp_path):
+    """Two steps through the real Trainer on a 4-clip gesture world: checkpoint, ``val/gesture/*`` (no pixel oracle
+    metrics on pose maps), pose-map sample videos, and the mean reference pose accumulated from the clips."""
+    from halfbody.audio2pose.pipeline import load_pose_model
+    from halfbody.train import train
+
+    out = tmp_path / "run"
+    cfg = compose_train(["family=audio2pose", "data=synthetic_world_gestures", "logger=none", "trainer.max_steps=2",
+                         "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "data.num_workers=0",
+                         "data.batch_size=2", "data.num_frames=16", "data.val_samples=2", *TINY,
+                         f"paths.data_dir={tmp_path / 'data'}", "data.prepare.train_clips=2",
+                         "data.prepare.val_clips=2", "data.prepare.num_frames=20", "data.prepare.resolution=64",
+                         "data.prepare.workers=1"], out)
+    metrics = train(cfg)
+    assert {"val/gesture/diversity", "val/gesture/sample_diversity", "val/gesture/jitter"} <= set(metrics)
+    assert not any(k.startswith("val/oracle/") for k in metrics)
+    assert list((out / "samples").glob("*.mp4"))
+    (out / ".hydra").mkdir()
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+    model = load_pose_model(str(out / "checkpoints" / "last.ckpt"))
+    assert float(model.mean_reference_count) >= 2 and float(model.mean_reference[9, 2]) == pytest.approx(1.0)
