@@ -270,3 +270,20 @@ def test_cli_writes_shards(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["shards"] == [str(tmp_path / "synthetic-00000.tar")]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["params"]["seed"] == 7 and manifest["params"]["resolution"] == 32
+
+
+def test_cli_gestures_world_records_strokes_and_keeps_the_schema(tmp_path, capsys):
+    """``--gestures``: co-speech beat gestures (a world parameter, off by default): the manifest says so, every
+    stroke apex in the json is a syllable onset plus the identity's lag, and the fields are the schema's."""
+    cli_main(["--out", str(tmp_path), "--num-clips", "2", "--num-frames", "40", "--resolution", "32",
+              "--workers", "1", "--headshot-fraction", "0", "--gestures"])
+    capsys.readouterr()
+    assert json.loads((tmp_path / "manifest.json").read_text())["params"]["gestures"] is True
+    samples = _read_tars(sorted(tmp_path.glob("*.tar")))
+    for fields in samples.values():
+        assert {"mp4", "wav", "kpts.npy", "json"} <= set(fields)
+        g = json.loads(fields["json"])["synthetic"]["gestures"]
+        onsets = np.asarray(g["syllable_onsets"])
+        assert g["stroke_times"] and all(np.abs(onsets + g["style"]["lag"] - s).min() < 1e-3 for s in g["stroke_times"])
+    with pytest.raises(ValueError, match="gestures"):
+        WorldConfig(gestures="yes")
