@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline official-parity table2-cpu clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme learning-check-audio2pose curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline official-parity table2-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ learning-check:  ## ~20 min CPU: does the tiny preset learn audio-driven mouth s
 
 learning-check-mirrorme:  ## the same check for the tiny MirrorMe DiT
 	$(PY) benchmarks/learning_check.py --experiment learning_check_mirrorme
+
+learning-check-audio2pose:  ## <= 30 min CPU: does the tiny audio-to-pose model learn beat gestures? (benchmarks/RESULTS.md)
+	$(PY) benchmarks/audio2pose_learning_check.py
 
 bench-data:  ## data-loading throughput (samples/s, 2 workers)
 	$(PY) benchmarks/data_loading.py
