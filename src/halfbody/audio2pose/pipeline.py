@@ -122,6 +122,9 @@ def reference_pose(model: Any, ref_kpts: np.ndarray | None = None, image: np.nda
             return people[int(np.argmax(np.where(found, body.mean(1), -1)))]
         log.warning("%s: no person detected in the reference image; the hand sequence starts from the pose "
                     "model's mean reference pose (pose=auto fallback)", where)
+    else:
+        log.warning("%s: no reference keypoints (ref_keypoints=<(133, 3) .npy>); the hand sequence starts from the "
+                    "pose model's mean reference pose (pose=auto fallback)", where)
     return model.mean_reference.detach().float().cpu().numpy()
 
 
