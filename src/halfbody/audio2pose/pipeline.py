@@ -109,19 +109,22 @@ class Audio2PosePipeline:
 def reference_pose(model: Any, ref_kpts: np.ndarray | None = None, image: np.ndarray | None = None,
                    extractor: Callable[[np.ndarray], np.ndarray] | None = None, where: str = "ref") -> np.ndarray:
     """The reference pose ``(133, 3)`` (x, y in ``[0, 1]`` of the reference frame) that a generated sequence starts
-    from: ``ref_kpts`` when given; else the keypoints ``extractor(image)`` finds (``(persons, 133, 3)``; the most
-    confident person); else, and when the extractor finds no person, the **fallback**: the model's mean training
-    reference pose (``Audio2PoseModule.mean_reference``, saved in the checkpoint), announced in one log line."""
+    from: ``ref_kpts`` (``(133, 3)`` or ``(persons, 133, 3)``) when given, else what ``extractor(image)`` finds
+    (``(persons, 133, 3)``); the most confident person whose head, shoulders, hips and arms are visible on average.
+    **Fallback** (one log line): when no keypoints are given, or they show no such person, the sequence starts from
+    the model's mean training reference pose (``Audio2PoseModule.mean_reference``, saved in the checkpoint)."""
+    people, source = None, ""
     if ref_kpts is not None:
-        return np.asarray(ref_kpts, np.float32)
-    if extractor is not None and image is not None:
-        people = np.asarray(extractor(image), np.float32).reshape(-1, 133, 3)
-        body = people[:, ks.CONTEXT_POINTS + (7, 8, 9, 10), 2] if people.size else np.zeros((0, 1))
-        found = body.mean(1) >= ks.SCORE_THRESHOLD if people.size else np.zeros(0, bool)
-        if found.any():
-            return people[int(np.argmax(np.where(found, body.mean(1), -1)))]
-        log.warning("%s: no person detected in the reference image; the hand sequence starts from the pose "
-                    "model's mean reference pose (pose=auto fallback)", where)
+        people, source = np.asarray(ref_kpts, np.float32), "in its keypoints"
+    elif extractor is not None and image is not None:
+        people, source = np.asarray(extractor(image), np.float32), "by the keypoint extractor"
+    if people is not None:
+        people = people.reshape(-1, 133, 3)
+        score = people[:, ks.CONTEXT_POINTS + (7, 8, 9, 10), 2].mean(1) if people.size else np.zeros(0)
+        if (score >= ks.SCORE_THRESHOLD).any():
+            return people[int(np.argmax(score))]
+        log.warning("%s: no person detected in the reference image (%s); the hand sequence starts from the pose "
+                    "model's mean reference pose (pose=auto fallback)", where, source)
     else:
         log.warning("%s: no reference keypoints (ref_keypoints=<(133, 3) .npy>); the hand sequence starts from the "
                     "pose model's mean reference pose (pose=auto fallback)", where)
