@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme learning-check-audio2pose curriculum-check bench-data bench-oracle bench-phd bench-dit bench-world bench-pipeline official-parity table2-cpu clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme learning-check-audio2pose curriculum-check bench-data bench-oracle bench-phd bench-dit bench-generate bench-world bench-pipeline official-parity table2-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,11 @@ curriculum-check:  ## apdh_full on CPU (30 steps per phase), then where audio ac
 	$(PY) -m halfbody.train experiment=apdh_full preset=tiny_cpu callbacks.curriculum.max_steps_per_phase=30 trainer.val_check_interval=30 trainer.limit_val_batches=0 logger=csv hydra.run.dir=logs/apdh_full_cpu
 	$(PY) benchmarks/audio_locality.py logs/apdh_full_cpu
 
-bench-dit:  ## MirrorMe generation frames per second (tiny on CPU; pass ARGS="--size paper --dtype bf16" on a GPU)
-	$(PY) benchmarks/dit_generation_fps.py $(ARGS)
+bench-generate:  ## generation frames per second, both families (tiny on CPU; ARGS="--size paper --dtype bf16" on a GPU)
+	WANDB_MODE=disabled $(PY) benchmarks/generation_fps.py $(ARGS)
+
+bench-dit:  ## alias: the MirrorMe rows of bench-generate
+	WANDB_MODE=disabled $(PY) benchmarks/generation_fps.py --family mirrorme $(ARGS)
 
 bench-world:  ## synthetic world generation speed
 	$(PY) benchmarks/synthetic_world_speed.py
