@@ -7,7 +7,8 @@ flow (``halfbody.models.flow_matching``; MirrorMe §3.1's objective on a keypoin
 
 Training step: the window's first frame is the reference pose (the shard schema has no keypoints for ``ref.png``),
 its first ``m`` frames (``m`` uniform in ``1..prefix_frames``) are the clean motion prefix and the loss is the
-velocity error on the other frames, over the points visible in both the frame and the reference. Audio is dropped
+flow's velocity error on the other frames, over the points visible in both the frame and the reference, plus MDM's
+velocity (frame-difference) term on the one-step data estimate. Audio is dropped
 for CFG with ``condition_dropout.audio``. Validation: the loss, and sequences sampled by the pipeline from the
 reference pose alone (frame 0), scored by the gesture metrics (``halfbody.metrics.gestures``, logged as
 ``val/gesture/*``) and drawn as pose maps for ``SampleVideoWriter`` (reference | sampled pose | ground truth).
@@ -48,6 +49,9 @@ class Audio2PoseModule(AnimationModule):
         prefix_frames: at most this many clean motion-prefix frames (training draws ``1..prefix_frames``; sampling
             carries this many from one window to the next).
         condition_dropout: ``{audio: p}``, the CFG dropout.
+        velocity_loss_weight: weight of the motion-velocity term on the one-step data estimate
+            ``x0_hat = x_t - t v`` (MDM, Tevet et al. 2023 §3.1, ``lambda_vel = 1``): frame-to-frame differences of
+            ``x0_hat`` against the data's; without it the samples jitter (0: off).
         num_inference_steps / guidance_scale: Euler steps and audio CFG of validation and ``pose=auto``.
         pose_groups: keypoint groups of the validation pose-map videos.
         num_sample_batches: validation batches that are also sampled.
@@ -68,7 +72,8 @@ class Audio2PoseModule(AnimationModule):
                  optimizer: Callable[..., torch.optim.Optimizer], flow: RectifiedFlow,
                  lr_scheduler: Callable[..., Any] | None = None, audio_region: str = "global",
                  condition_dropout: Mapping[str, float] | None = None, motion_scale: float = 0.1, window: int = 64,
-                 prefix_frames: int = 8, num_inference_steps: int = 20, guidance_scale: float = 2.0,
+                 prefix_frames: int = 8, velocity_loss_weight: float = 1.0, num_inference_steps: int = 20,
+                 guidance_scale: float = 2.0,
                  pose_groups: str = "no_head", num_sample_batches: int = 1, init_checkpoint: str | None = None) -> None:
         super().__init__(autoencoder, audio_encoder, optimizer, lr_scheduler, audio_region, condition_dropout,
                          num_sample_batches)
@@ -83,6 +88,9 @@ class Audio2PoseModule(AnimationModule):
             self.load_network_weights(init_checkpoint)
         self.flow = flow
         self.motion_scale, self.prefix_frames = float(motion_scale), int(prefix_frames)
+        if not velocity_loss_weight >= 0:
+            raise ValueError(f"model.velocity_loss_weight={velocity_loss_weight!r} must be >= 0")
+        self.velocity_loss_weight = float(velocity_loss_weight)
         self.pipeline = Audio2PosePipeline(self.network, flow, motion_scale, int(window), int(prefix_frames),
                                            num_inference_steps, guidance_scale)
         self.renderer = PoseRenderer(pose_groups)
@@ -130,7 +138,15 @@ class Audio2PoseModule(AnimationModule):
         target = self.flow.velocity_target(x0, noise, t)
         weight = weight * (~prefix)[..., None].to(weight.dtype)
         mse = ((pred.float() - target.float()).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
-        return mse, {"mse": mse.detach(), "prefix_frames": torch.tensor(float(m))}
+        logs = {"mse": mse.detach(), "prefix_frames": torch.tensor(float(m))}
+        loss = mse
+        if self.velocity_loss_weight > 0:  # MDM's velocity loss on the one-step estimate (prefix -> first target too)
+            x0_hat = torch.cat([x0[:, :m], self.flow.predict_x0(xt, pred, t)[:, m:].float()], dim=1)
+            vw = weight[:, 1:] * ks.visibility(kpts, ref)[:, :-1]  # pairs ending in a target frame, both visible
+            vel = ((x0_hat.diff(dim=1) - x0.float().diff(dim=1)).pow(2) * vw).sum() / vw.sum().clamp_min(1.0)
+            logs["velocity"] = vel.detach()
+            loss = loss + self.velocity_loss_weight * vel
+        return loss, logs
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
