@@ -34,14 +34,19 @@ NO_WEIGHTS = ["logger=none", "metrics.fid.weights=null", "metrics.fvd.weights=nu
               "metrics.sync.weights=null", "metrics.csim.weights=null", "metrics.keypoints.det_model=null"]
 
 
-def compose_evaluate(overrides: list[str], out: Path):
+def compose_entry(config: str, overrides: list[str], out: Path):
+    """``conf/<config>.yaml`` (``evaluate``, ``generate``) with ``overrides``, writing under ``out``."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.paths.log_dir = str(out)
         del cfg.hydra
     return cfg
+
+
+def compose_evaluate(overrides: list[str], out: Path):
+    return compose_entry("evaluate", overrides, out)
 
 
 def _frames(seed: int, n: int = 8, size: int = 48) -> np.ndarray:

@@ -144,7 +144,7 @@ def load_video(path: Path, protocol: DictConfig, suffixes=()) -> Video:
 def load_reference(path: Path, protocol: DictConfig, suffixes=()) -> tuple[np.ndarray, np.ndarray | None]:
     """The reference image resized + centre-cropped like the frames (uint8 ``(R, R, 3)``), and its keypoints."""
     from halfbody.data.transforms import crop_geometry
-    from halfbody.generate import load_image
+    from halfbody.generation.inputs import load_image
 
     img = load_image(str(path), "reference")
     h, w = img.shape[:2]
