@@ -264,3 +264,29 @@ def test_entry_point_reports_a_bad_input_in_one_line_with_exit_2(tmp_path, capsy
         evaluate(cfg)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: generated='/no/such/dir' does not exist"]
+
+
+def test_hkc_hkv_through_evaluate_from_sidecars_next_to_the_generated_videos(folders, tmp_path):
+    """Keypoints measured on generated videos may come as ``<stem>.kpts.npy`` sidecars (instead of DWPose): HKC and
+    HKV per video equal the functions' values on the keypoints mapped into the protocol frame, and the mean over
+    videos is the metric; the JSON holds no NaN (written as null)."""
+    import shutil
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    expected = []
+    for i, conf in enumerate((0.9, 0.5)):
+        shutil.copy(folders / "gen" / f"clip{i}.mp4", gen / f"clip{i}.mp4")
+        k = np.zeros((10, 133, 3), np.float32)
+        k[:, 91:133, 0] = 0.5 + 0.05 * np.sin(np.arange(10) / 3)[:, None]
+        k[:, 91:133, 1] = 0.5
+        k[:, 91:133, 2] = conf
+        np.save(gen / f"clip{i}.kpts.npy", k)
+        expected.append((conf, hand_keypoint_variance(k, size=48)))  # 48 x 48 video, protocol 48: the same frame
+    cfg = compose_evaluate(NO_WEIGHTS + [f"generated={gen}", f"ground_truth={folders / 'gt'}", "protocol.resolution=48"],
+                           tmp_path)
+    result = evaluate(cfg)
+    assert result["per_video"]["clip0"]["keypoints"] == "sidecar clip0.kpts.npy"
+    assert result["metrics"]["HKC"] == pytest.approx(0.7, abs=1e-6)
+    assert result["metrics"]["HKV"] == pytest.approx(np.mean([v for _, v in expected]), rel=1e-4)
+    assert "NaN" not in (tmp_path / "metrics.json").read_text()

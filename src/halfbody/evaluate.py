@@ -154,6 +154,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The run's table: one row of metrics (paper column order, arrows: which way is better), per-video rows,
     and the skipped metrics with their reasons."""
@@ -219,8 +229,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     record = {**result, "inputs": inputs, "problems": problems, "device": str(device),
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "metrics_config": OmegaConf.to_container(cfg.metrics, resolve=True)}
-    with atomic_output(out_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2, allow_nan=True, default=str))
+    with atomic_output(out_dir / "metrics.json") as tmp:  # strict JSON: nan / inf are written as null
+        tmp.write_text(json.dumps(_finite(record), indent=2, allow_nan=False, default=str))
     with atomic_output(out_dir / "metrics.md") as tmp:
         tmp.write_text(markdown_table(result))
     _log_wandb(cfg, result)
