@@ -190,7 +190,7 @@ def _compose_context() -> Iterator[None]:
 
 
 def compose_entry(config_name: str, overrides: Sequence[str], output_dir: Path, key: str,
-                  where: str | None = None) -> DictConfig:
+                  where: str | None = None, keep_hydra: bool = False) -> DictConfig:
     """``conf/<config_name>.yaml`` with ``overrides`` (a bad one is a UserError naming ``where``, by default
     ``key=<overrides>``), its outputs under ``output_dir`` (Hydra's own keys dropped: only its launcher resolves
     them)."""
@@ -205,7 +205,8 @@ def compose_entry(config_name: str, overrides: Sequence[str], output_dir: Path, 
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
-        del cfg.hydra
+        if not keep_hydra:
+            del cfg.hydra
     return cfg
 
 
@@ -405,11 +406,16 @@ class TableRunner:
         """Why the row's train config does not compose (an unknown experiment, a bad override), else None."""
         if row.checkpoint:
             return None
+        where = f"table.rows[{row.index}] (experiment={row.experiment}, overrides={row.overrides})"
         try:
-            compose_entry("train", self.train_argv(row), self.out, "train_overrides",
-                          where=f"table.rows[{row.index}] (experiment={row.experiment}, overrides={row.overrides})")
+            cfg = compose_entry("train", self.train_argv(row), self.out, "train_overrides", where=where,
+                                keep_hydra=True)
         except UserError as e:
             return str(e)
+        family = OmegaConf.select(cfg, "hydra.runtime.choices.family")
+        wanted = self.cfg.table.get("family")
+        if wanted and family and str(family) != str(wanted):
+            return f"{where}: trains the {family} family, the table {self.cfg.table.name} is of {wanted}"
         return None
 
     def fail_early(self, row: Row, reason: str, position: str) -> dict[str, Any]:
