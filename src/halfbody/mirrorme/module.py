@@ -173,7 +173,8 @@ class MirrorMeModule(AnimationModule):
             feats, face_gate = self.audio_inputs(batch, training_mask=True)
         b, fl = x0.shape[:2]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = self.flow.sample_timesteps(b, generator=generator, device=x0.device)
+        t = self.flow.sample_timesteps(b, generator=generator, device=x0.device,
+                                       num_tokens=fl * x0.shape[-2] * x0.shape[-1])  # token-dependent shift (§4.1)
         xt = self.flow.add_noise(x0, noise, t)
         motion = self.draw_motion_frames(fl, generator) if training else 0
         if motion:

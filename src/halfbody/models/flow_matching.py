@@ -7,24 +7,37 @@ Conventions (SD3 / LTX-Video): ``t = 0`` is data and ``t = 1`` is noise,
     x0  = x_t - t v                     (one-step estimate)
 
 Timesteps are floats in ``[0, 1]``. The *shift* ``s`` maps ``t -> s t / (1 + (s - 1) t)``, which moves mass toward
-high noise (MirrorMe §4.1 trains with ``s = 17``). Sampling integrates the ODE from ``t = 1`` to ``0`` with Euler
+high noise (MirrorMe §4.1 trains with ``s = 17``). The shift a clip needs grows with its token count (more tokens
+average the noise over more values, so a given ``t`` destroys less; SD3 §5.3.2, LTX-Video): with ``shift_tokens``
+set, the training shift for ``n`` tokens is ``s * sqrt(n / shift_tokens)`` (SD3's resolution-dependent rule; shifts
+compose by multiplication), so the paper's value stays the one anchor and a 192-token CPU clip trains at about 3
+instead of 17. Sampling integrates the ODE from ``t = 1`` to ``0`` with Euler
 steps on the same shifted grid, with classifier-free guidance through the shared :func:`apply_cfg`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from halfbody.models.schedulers import DenoiseFn, apply_cfg
 
-__all__ = ["RectifiedFlow", "shift_timesteps"]
+__all__ = ["RectifiedFlow", "shift_timesteps", "token_shift"]
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """``s t / (1 + (s - 1) t)``: the SD3 / LTX resolution-dependent shift (identity for ``s = 1``)."""
     return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def token_shift(shift: float, num_tokens: int, anchor_tokens: int) -> float:
+    """SD3's resolution-dependent shift (§5.3.2: ``alpha = sqrt(m / n)`` for ``m`` tokens against the ``n`` the shift was
+    chosen for), composed with the anchor's shift: ``shift * sqrt(num_tokens / anchor_tokens)``."""
+    if num_tokens < 1 or anchor_tokens < 1:
+        raise ValueError(f"token counts must be >= 1, got {num_tokens} and {anchor_tokens}")
+    return float(shift) * math.sqrt(num_tokens / anchor_tokens)
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,9 +55,13 @@ class RectifiedFlow:
             training shift). A large shift crowds a short grid near ``t = 1`` and leaves one long last step
             (shift 17, 15 steps: the last step goes from ``t = 0.55`` to 0), so presets use an SD3 / LTX-like 3.
         t_min: smallest training timestep (keeps the loss finite-weighted near data; 0 allows exact data).
+        shift_tokens: the token count (latent frames x height x width) ``shift`` was chosen for; when set, training
+            timesteps for ``n`` tokens use :func:`token_shift` (MirrorMe §4.1: shift 17 at 121 x 768 x 512 through
+            LTX-Video's VAE, 16 x 24 x 16 = 6144 tokens). ``None``: ``shift`` at every size.
     """
 
-    def __init__(self, shift: float = 17.0, sample_shift: float | None = None, t_min: float = 0.0) -> None:
+    def __init__(self, shift: float = 17.0, sample_shift: float | None = None, t_min: float = 0.0,
+                 shift_tokens: int | None = None) -> None:
         if not shift > 0:
             raise ValueError(f"shift={shift!r} must be > 0")
         if sample_shift is not None and not sample_shift > 0:
@@ -54,14 +71,24 @@ class RectifiedFlow:
         self.shift = float(shift)
         self.sample_shift = self.shift if sample_shift is None else float(sample_shift)
         self.t_min = float(t_min)
+        if shift_tokens is not None and int(shift_tokens) < 1:
+            raise ValueError(f"shift_tokens={shift_tokens!r} must be >= 1 (or None)")
+        self.shift_tokens = None if shift_tokens is None else int(shift_tokens)
+
+    def training_shift(self, num_tokens: int | None = None) -> float:
+        """The training shift for a clip of ``num_tokens`` tokens (``shift`` itself without a token rule)."""
+        if self.shift_tokens is None or num_tokens is None:
+            return self.shift
+        return token_shift(self.shift, num_tokens, self.shift_tokens)
 
     # ------------------------------------------------------------------------------------------ training
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None) -> torch.Tensor:
-        """Shifted uniform timesteps ``(batch,)`` in ``[t_min, 1)``, float32 (drawn on the generator's device)."""
+                         device: torch.device | str | None = None, num_tokens: int | None = None) -> torch.Tensor:
+        """Shifted uniform timesteps ``(batch,)`` in ``[t_min, 1)``, float32 (drawn on the generator's device);
+        ``num_tokens``: the clip's token count, for the token-dependent shift (:meth:`training_shift`)."""
         draw_device = generator.device if generator is not None else "cpu"
         u = torch.rand(batch, generator=generator, device=draw_device)
-        t = shift_timesteps(u, self.shift)
+        t = shift_timesteps(u, self.training_shift(num_tokens))
         t = self.t_min + (1.0 - self.t_min) * t
         return t.to(device) if device is not None else t
 
