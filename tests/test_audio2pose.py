@@ -79,8 +79,8 @@ def test_gesture_world_strokes_follow_syllable_onsets_with_per_identity_style():
     from data_pipelines.synthetic_world.generate import _params
     from data_pipelines.synthetic_world.gestures import gesture_style
 
-    cfg = WorldConfig(gestures=True, resolution=32, num_frames=75)
-    clips = [render_clip(cfg, i, kind="halfbody") for i in range(6)]
+    cfg = WorldConfig(gestures=True, resolution=16, num_frames=75)
+    clips = [render_clip(cfg, i, kind="halfbody") for i in range(5)]
     g = clips[0].meta["synthetic"]["gestures"]
     style = g["style"]
     onsets = np.asarray(g["syllable_onsets"])
@@ -91,7 +91,7 @@ def test_gesture_world_strokes_follow_syllable_onsets_with_per_identity_style():
     assert m["gt_beat_alignment"] > m["beat_alignment_mismatched"] + 0.2
     assert len({gesture_style(0, i).to_json().__repr__() for i in range(8)}) == 8
     assert "gestures" not in _params(WorldConfig(), 4, 4) and _params(cfg, 4, 4)["gestures"] is True
-    plain = render_clip(WorldConfig(resolution=32, num_frames=75), 0, kind="halfbody")
+    plain = render_clip(WorldConfig(resolution=16, num_frames=75), 0, kind="halfbody")
     assert "gestures" not in plain.meta["synthetic"]
     np.testing.assert_array_equal(plain.audio, clips[0].audio)  # the same speech: only the hands change
 
@@ -195,6 +195,9 @@ def test_auto_pose_samples_any_length_and_falls_back_without_a_person(pose_run, 
     kpts = auto(audio, FPS, 30, image=np.zeros((8, 8, 3), np.uint8), extractor=lambda im: np.zeros((0, 133, 3)))
     np.testing.assert_allclose(kpts[0], auto.model.mean_reference.numpy(), atol=1e-6)
     assert sum("no person detected" in r.getMessage() for r in caplog.records) == 1
+    np.testing.assert_allclose(auto(audio, FPS, 5, ref_kpts=np.zeros((133, 3), np.float32))[0],
+                               auto.model.mean_reference.numpy(), atol=1e-6)  # keypoints without a person: the same
+    assert sum("no person detected" in r.getMessage() for r in caplog.records) == 2
     with pytest.raises(UserError, match="pose_model.ckpt_path=.*does not exist"):
         AutoPose(str(tmp_path / "missing.ckpt"))(audio, FPS, 4)
     other = tmp_path / "other" / "checkpoints"
@@ -228,3 +231,34 @@ def test_training_on_the_gesture_world_logs_gesture_metrics_and_pose_videos(tmp_
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
     model = load_pose_model(str(out / "checkpoints" / "last.ckpt"))
     assert float(model.mean_reference_count) >= 2 and float(model.mean_reference[9, 2]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("family", ["echomimic_v2", "mirrorme"])
+def test_generate_pose_auto_from_image_and_audio(family, pose_run, tmp_path, caplog):
+    """``generate pose=auto``: image + audio -> mp4 for each family (tiny presets, their own random weights), the hand
+    sequence sampled by the audio2pose run and saved beside the mp4 as ``.pose.npy`` (one row per video frame,
+    reusable as ``pose=``); without reference keypoints one line names the mean-reference fallback."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+    from PIL import Image
+
+    from halfbody.data import media
+    from halfbody.generate import generate
+    from halfbody.utils.hydra import CONFIG_DIR
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "me.png")
+    media.write_wav(tmp_path / "talk.wav", _bursts([0.1, 0.3], 0.4), 16000)
+    out = tmp_path / "out.mp4"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[
+            f"family={family}", f"ref={tmp_path / 'me.png'}", f"audio={tmp_path / 'talk.wav'}", "pose=auto",
+            f"pose_model.ckpt_path={pose_run}", f"output={out}", "steps=1", "progress=false", "resolution=32",
+            "guidance_scale=1.0"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        del cfg.hydra
+    assert generate(cfg)["generated"] == [str(out)]
+    frames, fps = media.read_video(out)
+    kpts = np.load(tmp_path / "out.pose.npy")
+    assert kpts.shape == (frames.shape[0], 133, 3) and frames.shape[1:] == (32, 32, 3)
+    assert sum("mean reference pose" in r.getMessage() for r in caplog.records) == 1
