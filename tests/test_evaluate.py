@@ -290,3 +290,21 @@ def test_hkc_hkv_through_evaluate_from_sidecars_next_to_the_generated_videos(fol
     assert result["metrics"]["HKC"] == pytest.approx(0.7, abs=1e-6)
     assert result["metrics"]["HKV"] == pytest.approx(np.mean([v for _, v in expected]), rel=1e-4)
     assert "NaN" not in (tmp_path / "metrics.json").read_text()
+
+
+@pytest.mark.slow
+def test_fid_equals_torchmetrics_with_the_fid_inception_as_its_feature_extractor(fid_lpips_weights):
+    """The FID Inception plugs into ``torchmetrics.image.fid.FrechetInceptionDistance`` as a custom feature extractor
+    (no torch-fidelity, no download), and torchmetrics' value equals ours (its 2048 x 2048 eigenproblem vs our exact
+    low-rank trace)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from halfbody.metrics.fid import fid_network, frechet_inception_distance
+
+    net = fid_network(fid_lpips_weights["metrics.fid.weights"], resize=75)
+    x = torch.from_numpy(_frames(6, 6, 48)).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(_frames(7, 7, 48)).permute(0, 3, 1, 2).float() / 255
+    tm = FrechetInceptionDistance(feature=net, normalize=True)
+    tm.update(x, real=True)
+    tm.update(y, real=False)
+    assert float(tm.compute()) == pytest.approx(frechet_inception_distance(net, [x], [y]), rel=1e-3)
