@@ -1,4 +1,9 @@
-"""Evaluation metrics. ``oracle``: exact metrics for the synthetic talker world (mouth sync, hands, identity, flicker)."""
+"""Evaluation metrics. ``oracle``: exact metrics for the synthetic talker world (mouth sync, hands, identity, flicker).
+
+The EMTD metrics of ``python -m halfbody.evaluate`` (docs/EVALUATION.md) live in their own modules, imported where
+used (they pull in torch networks): ``evaluation`` (the run), ``frame_quality`` (SSIM, PSNR, LPIPS), ``frechet``,
+``fid``, ``fvd``, ``sync`` (Sync-C / Sync-D), ``hands`` (HKC / HKV), ``csim``, ``face`` (crops), ``weights``.
+"""
 
 from .oracle import (audio_envelope, background_flicker, glove_colors_from_reference, hand_placement,
                      identity_distance, mouth_opening, mouth_sync, oracle_metrics)
