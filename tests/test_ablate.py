@@ -56,20 +56,15 @@ def _table_cfg(tmp: Path, rows: list[dict]):
 
 def test_two_row_table_end_to_end_rerun_and_failing_row(tmp_path):
     full = {"id": "full", "name": "EchoMimicV2", "experiment": "apdh_stage1"}  # one phase: cheap
-    rows = [full, {"id": "collected", "name": "w/o Initial Pose (collected)", "checkpoint": None}]
-    # row 2 collects the run of row 1 once it exists: first the table with row 1 alone trains it
-    cfg = _table_cfg(tmp_path, [full])
-    first = ablate(cfg)
-    ckpt = Path(first["rows"][0]["checkpoint"])
-    assert first["rows"][0]["status"] == "ok", first["rows"][0]
-    assert ckpt.is_file() and ckpt.parent.parent == tmp_path / "table" / "rows" / "full" / "run"
-
-    rows[1]["checkpoint"] = str(ckpt)
+    ckpt = tmp_path / "table" / "rows" / "full" / "run" / "checkpoints" / "last.ckpt"
+    # row 2 collects a run made elsewhere: here row 1's, which exists by the time row 2's turn comes
+    rows = [full, {"id": "collected", "name": "w/o Initial Pose (collected)", "checkpoint": str(ckpt)}]
     table = ablate(_table_cfg(tmp_path, rows))
     assert [r["name"] for r in table["rows"]] == ["EchoMimicV2", "w/o Initial Pose (collected)"]
     one, two = table["rows"]
-    assert one["skipped"] and not two["skipped"]  # row 1 finished in the first call
+    assert one["mode"] == "trained" and one["checkpoint"] == str(ckpt) and ckpt.is_file()
     assert two["mode"] == "collected" and two["checkpoint"] == str(ckpt)
+    assert not one["skipped"] and not two["skipped"]
     for r in table["rows"]:
         assert r["status"] == "ok", r
         assert Path(r["config"]).is_file() and Path(r["config"]).name == "config.yaml"  # the run's Hydra config
@@ -86,7 +81,7 @@ def test_two_row_table_end_to_end_rerun_and_failing_row(tmp_path):
     assert json.loads((tmp_path / "table" / "table.json").read_text())["rows"][1]["checkpoint"] == str(ckpt)
 
     # a re-run with a failing row in the middle: the finished rows are skipped (nothing trains or generates again),
-    # the bad row is in the table with one line, and the rows after it still run
+    # the bad rows are in the table with one line each, and the good rows around them stay
     train_log = (tmp_path / "table" / "rows" / "full" / "train.log").read_text()
     mtimes = {p: p.stat().st_mtime_ns for p in (ckpt, *gen)}
     bad = {"id": "bad", "name": "w/o Something", "experiment": "apdh_ablation_does_not_exist"}

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -640,8 +641,13 @@ def ablate(cfg: DictConfig) -> dict[str, Any]:
     return TableRunner(cfg).run()
 
 
+def _stop_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through subprocess.run, which kills the row's train process
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="ablate")
 def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with exit_on_user_error():
         table = ablate(cfg)
     if any(r["status"] == "failed" for r in table["rows"]):
