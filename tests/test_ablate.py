@@ -152,7 +152,8 @@ def test_export_test_set_writes_real_files_and_skips_bad_samples(tmp_path):
 @pytest.mark.slow
 def test_cli_row_crashing_in_its_train_subprocess(tmp_path):
     """Through ``python -m halfbody.ablate``: a row whose train subprocess exits with an error is in the table with
-    that error's line, the next row still trains, and the command ends with exit code 2."""
+    that error's line, the next row still trains, the command ends with exit code 2, and the table is in the offline
+    W&B run (the default logger)."""
     import subprocess
     import sys
 
@@ -163,9 +164,12 @@ def test_cli_row_crashing_in_its_train_subprocess(tmp_path):
             " {id: ok, name: OK, experiment: apdh_stage1}]")
     cmd = [sys.executable, "-m", "halfbody.ablate", f"paths.data_dir={tmp_path / 'data'}",
            f"paths.log_dir={tmp_path / 'logs'}", f"output_dir={tmp_path / 'table'}", "train_preset=tiny_cpu",
-           "logger=none", f"train_overrides={hydra_list(TRAIN)}", f"generate_overrides={hydra_list(GENERATE)}",
+           f"train_overrides={hydra_list(TRAIN)}", f"generate_overrides={hydra_list(GENERATE)}",
            f"evaluate_overrides={hydra_list(EVALUATE)}", rows, *WORLD]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    import os
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     table = json.loads((tmp_path / "table" / "table.json").read_text())
     crash, ok = table["rows"]
@@ -173,3 +177,8 @@ def test_cli_row_crashing_in_its_train_subprocess(tmp_path):
     assert crash["error"].startswith("data.max_bad_fraction=2")
     assert ok["status"] == "ok" and Path(ok["checkpoint"]).is_file()
     assert "error: Crash: train: data.max_bad_fraction=2" in proc.stderr
+    tables = [t for t in (tmp_path / "table" / "wandb").glob("offline-run-*/files/media/table/table/*.table.json")
+              if "_runs" not in t.name]
+    assert tables, "no W&B table in the offline run"
+    logged = json.loads(tables[0].read_text())
+    assert [r[0] for r in logged["data"]] == ["Crash", "OK"] and "SSIM↑" in logged["columns"]

@@ -43,7 +43,8 @@ import numpy as np
 from PIL import Image
 
 from halfbody.data import media
-from halfbody.data.dataset import REF_FIELDS, REQUIRED_FIELDS, BadSampleLedger, load_clip_audio, parse_meta, read_shard
+from halfbody.data.dataset import (REF_FIELDS, REQUIRED_FIELDS, BadSampleLedger, decode_frames, load_clip_audio,
+                                   parse_meta, read_shard)
 from halfbody.data.keypoints import NUM_KEYPOINTS, unnormalised_keypoints
 from halfbody.data.transforms import BadSample
 from halfbody.utils.errors import UserError
@@ -77,7 +78,8 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _clip(raw: dict, max_seconds: float | None) -> dict[str, Any]:
-    """One shard sample, checked: ``{meta, kpts, frames, fps, audio (WavAudio), ref (uint8 HxWx3 | None)}``.
+    """One shard sample, checked: ``{meta, kpts, frames (the first frame, or the cut clip), fps, frames_n, cut, audio
+    (WavAudio), ref (uint8 HxWx3 | None)}``.
     Raises ``BadSample`` (as the training loader would for the same sample)."""
     fields = {str(k).lower(): v for k, v in raw.items()}
     for f in REQUIRED_FIELDS:
@@ -96,14 +98,15 @@ def _clip(raw: dict, max_seconds: float | None) -> dict[str, Any]:
     units = unnormalised_keypoints(kpts, meta["width"], meta["height"])
     if units is not None:
         raise BadSample("pixel-unit keypoints", f"kpts.npy: {units}")
-    try:
-        frames, fps = media.read_video(fields["mp4"])
-    except media.MediaError as e:
-        raise BadSample("undecodable mp4", str(e)) from e
     audio = load_clip_audio(fields["wav"], meta["num_frames"], float(meta["fps"]))
-    frames_n = min(frames.shape[0], kpts.shape[0], meta["num_frames"])
+    fps = float(meta["fps"])  # the clip's constant frame rate (shared/DESIGN.md §1)
+    frames_n = min(kpts.shape[0], meta["num_frames"])
     if max_seconds is not None:
         frames_n = min(frames_n, max(1, int(round(max_seconds * fps))))
+    cut = frames_n < meta["num_frames"] or frames_n < kpts.shape[0]
+    # decode only what is written: the first frame (a reference, and proof that the mp4 decodes), or the cut clip
+    decoded = decode_frames(fields["mp4"], range(frames_n if cut else 1))
+    frames = np.stack([decoded[i] for i in sorted(decoded)])
     ref = None
     for f in REF_FIELDS:
         if f in fields:
@@ -112,8 +115,8 @@ def _clip(raw: dict, max_seconds: float | None) -> dict[str, Any]:
             except Exception as e:  # PIL raises many types on junk
                 raise BadSample("undecodable ref", f"{f}: {type(e).__name__}: {e}") from e
             break
-    return {"meta": meta, "kpts": kpts, "frames": frames, "fps": fps, "frames_n": frames_n, "audio": audio,
-            "ref": ref, "mp4": fields["mp4"], "wav": fields["wav"]}
+    return {"meta": meta, "kpts": kpts, "frames": frames, "fps": fps, "frames_n": frames_n, "cut": cut,
+            "audio": audio, "ref": ref, "mp4": fields["mp4"], "wav": fields["wav"]}
 
 
 def export_test_set(shards: str | Sequence[str], out_dir: str | Path, *, max_clips: int | None = None,
@@ -166,8 +169,7 @@ def export_test_set(shards: str | Sequence[str], out_dir: str | Path, *, max_cli
             names.add(name)
             files = {"image": f"{name}.ref.png", "audio": f"{name}.wav", "pose": f"{name}.kpts.npy",
                      "video": f"{name}.mp4", "meta": f"{name}.json"}
-            n, fps = c["frames_n"], c["fps"]
-            cut = n < c["frames"].shape[0] or n < c["kpts"].shape[0]
+            n, fps, cut = c["frames_n"], c["fps"], c["cut"]
             _write_png(out / files["image"], c["ref"] if c["ref"] is not None else c["frames"][0])
             if c["ref"] is None:  # the first frame: its keypoints are known
                 files["image_keypoints"] = f"{name}.ref.kpts.npy"
