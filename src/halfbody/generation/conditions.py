@@ -35,6 +35,7 @@ class Conditions:
     pose_kpts: np.ndarray | None = None  # (F, 133, 3) output pixels
     ref_kpts: np.ndarray | None = None  # (1, 133, 3) output pixels
     valid: torch.Tensor | None = None  # (1, H, W)
+    auto_pose: np.ndarray | None = None  # pose=auto: the sampled (F, 133, 3) keypoints, [0, 1] of the reference image
     notes: list[str] = field(default_factory=list)
 
 
@@ -83,9 +84,12 @@ def prepare(job: Job, s: Settings) -> Conditions:
     if job.ref_keypoints:
         ref_kpts = load_keypoints(job.ref_keypoints, job.key("ref_keypoints"), src_w, src_h, single=True)
     pose, pose_fps = None, None
-    if job.pose:  # a keypoint .npy (at pose_fps), or a driving video (its keypoints at the output fps)
+    auto = job.pose == "auto"  # sampled by the pose model (below, in the model's frame)
+    if auto and s.pose_model is None:
+        raise UserError(f"{job.key('pose')}=auto needs pose_model (an audio-to-pose checkpoint: pose_model.ckpt_path)")
+    if job.pose and not auto:  # a keypoint .npy (at pose_fps), or a driving video (its keypoints at the output fps)
         pose, pose_fps = load_pose(job.pose, job.key("pose"), src_w, src_h, s.fps, s.pose_extractor)
-    elif s.pipeline.POSE_REQUIRED:
+    elif not auto and s.pipeline.POSE_REQUIRED:
         raise UserError(f"{job.key('pose')} is not set: {s.pipeline.MISSING_POSE}")
     geom = _geometry(img, ref_kpts, s, job)
     ref = geom.apply_frames(img[None], s.pad_value)[0]
@@ -105,12 +109,21 @@ def prepare(job: Job, s: Settings) -> Conditions:
                                 "its last pose")
             notes.append(f"pose {job.pose}: {missing_s:.2f} s shorter than the audio, last pose held")
         pose_px = geom.apply_keypoints(pose[np.clip(idx, 0, pose.shape[0] - 1)])
+    auto_pose = None
+    if auto:  # sampled in the model's frame (as it trained), kept in the reference image's frame (as pose= reads it)
+        scale = np.array([s.width, s.height, 1.0], np.float32)
+        ref_out = None if ref_kpts is None else geom.apply_keypoints(ref_kpts).reshape(133, 3) / scale
+        pose_px = scale * s.pose_model(audio16, s.fps, num_frames, ref_kpts=ref_out, seed=s.seed, where=job.key("ref"))
+        lo, hi = geom.apply_keypoints(np.array([[0, 0, 1], [1, 1, 1]], np.float32))[:, :2]
+        auto_pose = pose_px.copy()
+        auto_pose[..., :2] = (pose_px[..., :2] - lo) / (hi - lo)
     audio_rate = rate if rate in AAC_RATES else media.AUDIO_SAMPLE_RATE
     audio_out = samples if audio_rate == rate else audio16
     return Conditions(ref=ref, audio16=audio16, audio_out=audio_out, audio_rate=audio_rate, num_frames=num_frames,
                       pose_kpts=pose_px,
                       ref_kpts=None if ref_kpts is None else geom.apply_keypoints(ref_kpts),
-                      valid=valid_mask(s.height, s.width, geom.valid_rect() if geom.is_padded else None), notes=notes)
+                      valid=valid_mask(s.height, s.width, geom.valid_rect() if geom.is_padded else None), notes=notes,
+                      auto_pose=auto_pose)
 
 
 def face_masks(c: Conditions, s: Settings) -> dict[str, torch.Tensor]:

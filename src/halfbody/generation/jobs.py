@@ -68,7 +68,8 @@ def _row_jobs(list_path: str, out_dir: Path) -> tuple[list[Job | str], Path]:
             rows.append(f"{where}: expected 2-4 columns (image audio [pose|-] [ground-truth video|-]), got {len(cols)}")
             continue
         cols += ["-"] * (4 - len(cols))
-        ref, audio, pose, gt = (None if c == "-" else str(base / os.path.expanduser(c)) for c in cols)
+        ref, audio, pose, gt = (None if c == "-" else c if c == "auto" and i == 2 else str(base / os.path.expanduser(c))
+                                for i, c in enumerate(cols))
         stem = Path(gt).stem if gt else f"{Path(ref).stem}__{Path(audio).stem}"
         if stem in names:
             rows.append(f"{where}: its output {stem}.mp4 is also row {names[stem]}'s (name outputs apart by their "
@@ -106,6 +107,13 @@ def run_job(model, job: Job, s: Settings, device, cfg: DictConfig, desc: str = "
     for note in c.notes:
         log.warning(note)
     frames = sample(model, c, s, device, use_bf16(cfg, device), progress=bool(cfg.get("progress", True)), desc=desc)
+    if c.auto_pose is not None:  # pose=auto: the sampled keypoints beside the mp4, to edit and re-use as pose=
+        import numpy as np
+
+        from halfbody.utils.io import atomic_output
+
+        with atomic_output(job.output.with_suffix(".pose.npy")) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, c.auto_pose.astype(np.float32))
     if writer is None:
         media.write_video(job.output, frames, s.fps, c.audio_out, c.audio_rate)
     else:

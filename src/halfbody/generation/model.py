@@ -52,6 +52,7 @@ class Settings:
     guidance_scale: float | None
     pad_value: int = 0
     pose_extractor: dict = field(default_factory=dict)  # driving videos: data_pipelines.video_to_shards keypoints.*
+    pose_model: Any = None  # pose=auto: a callable (audio, fps, num_frames, ...) -> (T, 133, 3) (conf: pose_model)
 
 
 def _plain(cfg: Any) -> Any:
@@ -200,7 +201,16 @@ def settings_from(cfg: DictConfig, source: DictConfig, family: str, pipeline: ty
         long_video=long_video, pose_extractor=_plain(cfg.get("pose_extractor")) or {},
         pose_fps=pose_fps, pose_policy=policy, crop=crop,
         silence_dbfs=float(cfg.get("silence_dbfs", -60.0)), seed=int(cfg.get("seed") or 0),
-        steps=cfg.get("steps"), guidance_scale=cfg.get("guidance_scale"))
+        steps=cfg.get("steps"), guidance_scale=cfg.get("guidance_scale"),
+        pose_model=_pose_model(cfg) if str(cfg.get("pose")) == "auto" or cfg.get("list") else None)
+
+
+def _pose_model(cfg: DictConfig) -> Any:
+    """``pose_model`` (pose=auto) instantiated: it loads its checkpoint at its first call."""
+    import hydra
+
+    node = cfg.get("pose_model")
+    return hydra.utils.instantiate(node) if node is not None and node.get("_target_") else None
 
 
 # ================================================================================================ model
