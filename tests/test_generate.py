@@ -201,7 +201,7 @@ BAD = {
     "pose shorter than the audio": (["pose={d}/pose_short.npy"], "pose='{d}/pose_short.npy' has 4 frames"),
     "driving video without the pose model": (["pose={d}/driving.mp4", "pose_extractor.det_model={d}/nothing/yolox.onnx"],
                                              "pose_extractor.det_model='{d}/nothing/yolox.onnx': ONNX file not found"),
-    "no pose for EchoMimicV2": (["pose=null"], "audio-to-pose model, issue 14, not built yet"),
+    "no pose for EchoMimicV2": (["pose=null"], "or pose=auto with pose_model.ckpt_path"),
     "checkpoint of the other family": (["ckpt_path={mirrorme}", "run_config=null"],
                                        "is a checkpoint of family mirrorme, but this run builds family echomimic_v2"),
     "resolution the autoencoder cannot take": (["resolution=30"], "resolution=[30, 30]: the model's autoencoder needs"),

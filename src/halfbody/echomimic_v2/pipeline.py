@@ -219,8 +219,8 @@ class EchoMimicV2Pipeline:
 
     # --- what ``python -m halfbody.generate`` asks of a family (halfbody.generation.family), without a model
     POSE_REQUIRED = True  # the pose sequence drives the body (EchoMimicV2 §3.2)
-    MISSING_POSE = ("EchoMimicV2 animates a pose sequence; give pose=<(T, 133, 3) keypoints .npy or a driving video> "
-                    "(audio-only generation needs the audio-to-pose model, issue 14, not built yet)")
+    MISSING_POSE = ("EchoMimicV2 animates a pose sequence; give pose=<(T, 133, 3) keypoints .npy or a driving video>, "
+                    "or pose=auto with pose_model.ckpt_path=<an audio-to-pose run's checkpoint> (docs/AUDIO2POSE.md)")
     SAMPLER_VARIANTS = True  # conf/model/sampler/: release | release_acc
     LONG_VIDEO_OPTIONS: tuple[str, ...] = ()  # any length through the sampler's context windows
 
