@@ -172,8 +172,33 @@ def apply_fsdp(units: Iterable[nn.Module], root: nn.Module, mesh, settings: Para
                                                      output_dtype=None if param_dtype is None else torch.float32),
                 **common)
     for name in forward_methods:
-        register_fsdp_forward_method(root, name)
+        _register_entry_method(root, name, register_fsdp_forward_method)
     return n + 1
+
+
+def _register_entry_method(root: nn.Module, name: str, register) -> None:
+    """``root.<name>`` gets the root's FSDP hooks (gather, input cast) when called from outside ``root.forward``;
+    called from inside the forward (where the root is already gathered), it runs as is: FSDP2's own wrapper would
+    reshard the root's parameters on return, under the forward that still needs them."""
+    plain = getattr(type(root), name).__get__(root, type(root))
+    register(root, name)
+    hooked = getattr(root, name)
+    depth = [0]
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+
+    root.register_forward_pre_hook(enter)
+    root.register_forward_hook(leave, always_call=True)
+
+    @functools.wraps(plain)
+    def entry(*args, **kwargs):
+        return (plain if depth[0] > 0 else hooked)(*args, **kwargs)
+
+    setattr(root, name, entry)
 
 
 def parallelize_blocks(network: nn.Module, settings: Parallelism, mesh, *, blocks: list[nn.Module],

@@ -194,11 +194,12 @@ def read_sharded_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     keys as a ``.ckpt``'s ``state_dict``); optimizer shards are not read."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # as torch's dcp_to_torch_save
 
-    keys = [k for k in sharded_tensor_keys(path) if k.startswith("state_dict.")]
+    keys = {k for k in sharded_tensor_keys(path) if k.startswith("state_dict.")}
     state: dict[str, Any] = {}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(keys=keys),
-             no_dist=True)
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(path)),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     flat = state.get("state_dict", {})
     out: dict[str, torch.Tensor] = {}
 
