@@ -149,6 +149,10 @@ def test_echomimic_v2_fsdp_two_processes_match_one_process(echo_run, data_dir):
     assert (ckpt / "meta.pt").is_file() and (ckpt / ".metadata").is_file()
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not list((echo_run / "checkpoints").glob(".*.tmp"))
+    # killed after step 4 before its save: last.ckpt is still the complete step-2 checkpoint
+    from halfbody.utils.sharded_checkpoint import inspect_sharded_checkpoint
+
+    assert inspect_sharded_checkpoint(echo_run / "checkpoints" / "last.ckpt", "ckpt_path", resume=True)["global_step"] == 2
 
 
 def test_mirrorme_fsdp_two_processes_match_one_process(data_dir, tmp_path):
@@ -219,6 +223,26 @@ def _generate_from(ckpt: Path, data_dir: Path, tmp_path: Path) -> None:
     generate(cfg)
     frames, _ = media.read_video(tmp_path / "out.mp4")
     assert frames.shape[1:] == (32, 32, 3) and frames.shape[0] >= 1
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_sharded_save_swaps_the_directory_in_whole(tmp_path, monkeypatch, exchange):
+    """The new checkpoint directory replaces the old one in one step (renameat2 RENAME_EXCHANGE, or two renames where
+    the filesystem has no exchange); nothing of either is left behind."""
+    from halfbody.utils import sharded_checkpoint as sc
+
+    if not exchange:
+        monkeypatch.setattr(sc, "_exchange", lambda a, b: False)
+    target = tmp_path / "last.ckpt"
+    for version in ("old", "new"):
+        tmp = tmp_path / f".last.ckpt.{version}.tmp"
+        tmp.mkdir()
+        (tmp / "meta.pt").write_text(version)
+        (tmp / f"__{version}.distcp").write_text(version)
+        sc.replace_path(tmp, target)
+        assert (target / "meta.pt").read_text() == version and not tmp.exists()
+    assert sorted(p.name for p in target.iterdir()) == ["__new.distcp", "meta.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 @pytest.mark.parametrize("overrides, match", [
