@@ -225,6 +225,19 @@ def _generate_from(ckpt: Path, data_dir: Path, tmp_path: Path) -> None:
     assert frames.shape[1:] == (32, 32, 3) and frames.shape[0] >= 1
 
 
+def test_consolidate_bad_input_is_one_line(tmp_path, capsys):
+    from halfbody.consolidate import main as consolidate_main
+
+    (tmp_path / "single.ckpt").write_bytes(b"PK")
+    for argv, match in (([str(tmp_path / "missing.ckpt")], "does not exist"),
+                        ([str(tmp_path / "single.ckpt")], "is not a sharded checkpoint"),
+                        ([str(tmp_path)], "is not a sharded checkpoint")):
+        with pytest.raises(SystemExit) as e:
+            consolidate_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: checkpoint=") and match in err[0]
+
+
 @pytest.mark.parametrize("exchange", [True, False])
 def test_sharded_save_swaps_the_directory_in_whole(tmp_path, monkeypatch, exchange):
     """The new checkpoint directory replaces the old one in one step (renameat2 RENAME_EXCHANGE, or two renames where
@@ -348,6 +361,17 @@ def test_checkpoint_of_two_processes_resumes_with_one(echo_run, data_dir, tmp_pa
     for s in range(2):
         ref.step([two[0, s], two[1, s]])
     _check_parity(ref, one, (2, 3), ranks=(0,))
+
+
+@pytest.mark.slow
+def test_cli_sharded_checkpoint_without_the_strategy_exits_2_in_one_line(echo_run, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HALFBODY_ROOT": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "halfbody.train", "trainer=cpu",
+                           f"ckpt_path={echo_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: ckpt_path=") and "trainer=fsdp" in lines[0]
 
 
 @pytest.mark.slow
