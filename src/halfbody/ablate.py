@@ -512,9 +512,11 @@ class TableRunner:
     def label(self) -> str | None:
         if self.cfg.get("label"):
             return str(self.cfg.label)
+        if self.preset and "tiny" in str(self.preset):
+            return (f"preset={self.preset}: tiny models trained on CPU, not at the paper's scale; these are tiny-model "
+                    "numbers, not comparable with the paper's.")
         if self.preset:
-            return (f"preset={self.preset}: small models trained for a few steps; these are tiny-model numbers, "
-                    "not comparable with the paper's.")
+            return f"preset={self.preset}"
         return None
 
     def table_rows(self) -> list[dict[str, Any]]:
