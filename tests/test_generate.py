@@ -4,6 +4,7 @@ check the one-line errors of bad inputs (in-process, and once through the real C
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -19,7 +20,7 @@ from PIL import Image
 
 from halfbody.data import media
 from halfbody.generate import generate
-from halfbody.utils.errors import exit_on_user_error
+from halfbody.utils.errors import UserError, exit_on_user_error
 from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT
 from config_utils import compose_train
 from shard_utils import person_keypoints
@@ -258,6 +259,92 @@ def test_the_generation_package_names_no_family():
                     else node.attr if isinstance(node, ast.Attribute) else None)
             if text:
                 assert not any(n.lower() in text.lower() for n in names), (path.name, node.lineno, text)
+
+
+def test_a_sharded_checkpoint_directory_loads_its_shards(runs, inputs, tmp_path):
+    """ckpt_path=<a trainer=fsdp checkpoint directory> (torch.distributed.checkpoint shards + Lightning's meta.pt,
+    written here in one process): generate reads its tensors through halfbody.utils.sharded_checkpoint, finds the
+    run's config beside it, and builds exactly the model the .ckpt gives."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    from halfbody.generation.model import build_model, plan_model
+
+    src = runs["echomimic_v2"]
+    run = src.parent.parent
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    sharded = run / "checkpoints" / "sharded.ckpt"
+    dcp.save({"state_dict": ckpt["state_dict"]}, storage_writer=dcp.FileSystemWriter(str(sharded)), no_dist=True)
+    torch.save({k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")},
+               sharded / _METADATA_FILENAME)
+    base = FAST + ["guidance_scale=1.0"]
+    want = build_model(plan_model(_compose("generate", base + [f"ckpt_path={src}"], tmp_path))).state_dict()
+    plan = plan_model(_compose("generate", base + [f"ckpt_path={sharded}"], tmp_path))
+    assert plan.settings.fps == 20.0  # the run's config, found from the directory as from a .ckpt
+    got = build_model(plan).state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    (sharded / ".metadata").unlink()  # an interrupted copy: one line
+    with pytest.raises(UserError, match="is an incomplete sharded checkpoint"):
+        plan_model(_compose("generate", base + [f"ckpt_path={sharded}"], tmp_path))
+
+
+@pytest.mark.parametrize("family", ["echomimic_v2", "mirrorme"])
+def test_sampling_encodes_conditions_once_and_reads_nothing_back(family):
+    """What generate runs per video (the module's generate_video on the family's pipeline, CFG on): the reference,
+    the audio features and (EchoMimicV2) the pose residuals are encoded once per video / clip and reused by every
+    step and by the unconditional branch; and from the first network pass to the decoded video nothing is read back
+    from the device (the structural check of test_hot_path_syncs: every read-back raises)."""
+    import hydra
+    import torch
+    from test_hot_path_syncs import forbid_read_backs
+
+    torch.manual_seed(0)
+    model = hydra.utils.instantiate(compose_train([f"family={family}"]).model).eval()
+    net = model.network
+    calls = {"passes": 0, "audio": 0, "ref": 0, "pose": 0, "conditions": 0}
+    guard = contextlib.ExitStack()
+    seen: list[str] = []
+
+    def on_pass(*_):
+        calls["passes"] += 1
+        if calls["passes"] == 1:  # from the first network pass on, every device read-back raises
+            guard.enter_context(forbid_read_backs(seen))
+
+    net.register_forward_hook(on_pass)
+    model.audio_encoder.register_forward_hook(lambda *_: calls.__setitem__("audio", calls["audio"] + 1))
+    encode_image = model.autoencoder.encode_image
+    model.autoencoder.encode_image = lambda x: calls.__setitem__("ref", calls["ref"] + 1) or encode_image(x)
+    if family == "echomimic_v2":
+        frames, options = 13, {}  # two 12-frame context windows
+        encode_pose = net.encode_pose
+        net.encode_pose = lambda *a, **k: calls.__setitem__("pose", calls["pose"] + 1) or encode_pose(*a, **k)
+        net.pose_encoder.register_forward_hook(lambda *_: calls.__setitem__("conditions", calls["conditions"] + 1))
+    else:
+        frames, options = 10, {"clip_frames": 9, "motion_latent_frames": 1}  # two clips on motion frames
+        encode_conditions = net.encode_conditions
+        net.encode_conditions = lambda *a, **k: calls.__setitem__("conditions", calls["conditions"] + 1) \
+            or encode_conditions(*a, **k)
+    g, size = torch.Generator().manual_seed(0), 32
+    mask = torch.zeros(1, 1, 1, size, size)
+    mask[..., 4:12, 10:22] = 1
+    cond = {"ref": torch.rand(1, 3, size, size, generator=g) * 2 - 1, "fps": torch.tensor([25.0]),
+            "audio": torch.randn(1, 8000, generator=g) * 0.1, "pose": torch.rand(1, frames, 3, size, size, generator=g),
+            **{k: mask.expand(1, frames, 1, size, size) for k in ("mask_lips", "mask_head", "mask_face")}}
+    steps = 2
+    with torch.no_grad(), guard:
+        video = model.generate_video(cond, frames, **options, num_inference_steps=steps, guidance_scale=2.5,
+                                     generator=torch.Generator().manual_seed(0))
+    assert seen == [] and video.shape == (1, frames, 3, size, size)
+    assert calls["audio"] == 1 and calls["ref"] == 1  # once per video
+    # windows x steps (EchoMimicV2) or clips x steps (MirrorMe), the CFG branches in one batch
+    assert calls["passes"] == model.pipeline.network_passes(frames, steps, **options) == 2 * steps
+    if family == "echomimic_v2":
+        assert calls["pose"] == 1 and calls["conditions"] == 1  # the pose encoder once per clip (13 frames < 16)
+    else:
+        assert calls["conditions"] == 2  # once per clip (audio and hand pose), for both CFG branches
 
 
 @pytest.mark.parametrize("case", list(BAD))

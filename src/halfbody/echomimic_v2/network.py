@@ -357,11 +357,21 @@ class EchoMimicV2Network(nn.Module):
         reads as extra keys and values (independent of the denoising timestep)."""
         return self.reference_net(ref_latents)
 
+    def encode_pose(self, pose: torch.Tensor, dtype: torch.dtype | None = None, chunk: int = 16) -> torch.Tensor:
+        """``(B, F, C_pose, H, W)`` pose maps -> the pose encoder's residuals ``(B, F, C, h, w)``: timestep-independent,
+        so a sampler computes them once per clip (as the release does) and passes ``pose_features`` to every step;
+        ``chunk`` frames at a time, inputs cast to ``dtype`` (the latents') as :meth:`forward` casts them."""
+        flat = pose.flatten(0, 1)
+        flat = flat.to(dtype) if dtype is not None else flat
+        out = torch.cat([self.pose_encoder(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)])
+        return out.unflatten(0, pose.shape[:2])
+
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, ref_latents: torch.Tensor,
                 audio_feats: torch.Tensor | None = None, pose: torch.Tensor | None = None,
                 audio_mask: torch.Tensor | None = None, audio_mode: str = "global",
                 ref_keep: torch.Tensor | None = None, audio_keep: torch.Tensor | None = None,
-                pose_keep: torch.Tensor | None = None, reference_bank: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                pose_keep: torch.Tensor | None = None, reference_bank: dict[str, torch.Tensor] | None = None,
+                pose_features: torch.Tensor | None = None) -> torch.Tensor:
         """Predict for a batch of clips.
 
         Args:
@@ -406,11 +416,16 @@ class EchoMimicV2Network(nn.Module):
 
         # Pose Encoder: added after conv_in (§3.1).
         pose_residual = None
-        if pose is not None:
+        if pose_features is not None:  # the pose encoder's output, computed once per clip (encode_pose)
+            if pose_features.ndim != 5 or pose_features.shape[:2] != (b, nf):
+                raise ValueError(f"pose_features must be ({b}, {nf}, C, h, w), got {tuple(pose_features.shape)}")
+            pose_residual = pose_features.flatten(0, 1).to(dtype)
+        elif pose is not None:
             hh, ww = h * self.latent_factor, w * self.latent_factor
             if pose.ndim != 5 or pose.shape[:2] != (b, nf) or pose.shape[-2:] != (hh, ww):
                 raise ValueError(f"pose must be ({b}, {nf}, C, {hh}, {ww}), got {tuple(pose.shape)}")
             pose_residual = self.pose_encoder(pose.flatten(0, 1).to(dtype))
+        if pose_residual is not None:
             if pose_keep is not None:
                 pose_residual = pose_residual * pose_keep.to(dtype).repeat_interleave(nf)[:, None, None, None]
 

@@ -16,7 +16,8 @@ What the release's pipelines (``src/pipelines/pipeline_echomimicv2.py`` and ``pi
   ReferenceNet bank), zero audio features (so each ``attn2`` still adds its gained out-projection bias) and zero pose
   features; ``1`` runs the conditional branch alone.
 - **The ReferenceNet** runs once per clip on the clean reference (timestep 0); its bank is reused by every window
-  and step.
+  and step. So are the pose encoder's residuals (the release encodes the pose once, before its loop) and the audio
+  features; the unconditional branch reuses them (zeroed by its keep masks).
 - **Step function**: ``ddim`` (diffusers ``DDIMScheduler.step`` with the release's scheduler config), or
   ``release_acc`` (the accelerated pipeline: each window's v-prediction becomes ``x0 = a_t x_t - b_t v`` and then
   the pseudo-velocity towards ``t = -1``, :func:`halfbody.models.schedulers.pseudo_velocity`, before blending).
@@ -248,6 +249,8 @@ class EchoMimicV2Pipeline:
         b = ref_latents.shape[0]
         net = self.network
         bank = net.encode_reference(ref_latents)  # once per clip (the release: reference pass at the first step)
+        # the pose encoder's residuals: once per clip too (the release encodes the pose before its loop)
+        pose_feats = None if pose is None else net.encode_pose(pose, dtype=ref_latents.dtype)
         if with_uncond:
             ref2 = torch.cat([ref_latents, ref_latents])
             bank2 = {k: torch.cat([v, v]) for k, v in bank.items()}
@@ -261,14 +264,16 @@ class EchoMimicV2Pipeline:
             return x.index_select(1, on_device) if on_device is not None else x[:, frames]
 
         def denoise(x_w: torch.Tensor, t: torch.Tensor, frames: list[int], uncond: bool):
-            feats, p, mask = take(audio_feats, frames), take(pose, frames), take(audio_mask, frames)
+            feats, p, mask = take(audio_feats, frames), take(pose_feats, frames), take(audio_mask, frames)
             if not uncond:
-                return net(x_w, t, ref_latents, feats, p, audio_mask=mask, audio_mode=audio_mode, reference_bank=bank)
+                return net(x_w, t, ref_latents, feats, None, audio_mask=mask, audio_mode=audio_mode,
+                           reference_bank=bank, pose_features=p)
             cat = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
             # one batch of 2B: conditional first, then the unconditional branch (no reference, audio or pose)
             # audio_keep False: the network drops audio as released (zero audio tokens into attn2)
-            out = net(torch.cat([x_w, x_w]), torch.cat([t, t]), ref2, cat(feats), cat(p), audio_mask=cat(mask),
-                      audio_mode=audio_mode, ref_keep=keep, audio_keep=keep, pose_keep=keep, reference_bank=bank2)
+            out = net(torch.cat([x_w, x_w]), torch.cat([t, t]), ref2, cat(feats), None, audio_mask=cat(mask),
+                      audio_mode=audio_mode, ref_keep=keep, audio_keep=keep, pose_keep=keep, reference_bank=bank2,
+                      pose_features=cat(p))
             return out.chunk(2)
 
         return denoise

@@ -274,7 +274,12 @@ def plan_model(cfg: DictConfig) -> ModelPlan:
     from halfbody.utils.checkpoint_io import check_checkpoint_family, inspect_checkpoint
 
     ckpt_path = cfg.get("ckpt_path")
-    ckpt = inspect_checkpoint(ckpt_path, "ckpt_path") if ckpt_path else None
+    ckpt = None
+    if ckpt_path:  # a .ckpt, a consolidated .safetensors, or a sharded (trainer=fsdp) checkpoint directory
+        from halfbody.utils.sharded_checkpoint import is_sharded_checkpoint
+
+        sharded = is_sharded_checkpoint(Path(os.path.expanduser(str(ckpt_path))))
+        ckpt = inspect_checkpoint(ckpt_path, "ckpt_path", sharded_ok=sharded)  # sharded: its keys, tensors at build
     model_cfg, source, _ = model_config(cfg)
     target = str(model_cfg.get("_target_", ""))
     cls, pipeline = family_pipeline(target)
@@ -312,8 +317,19 @@ def build_model(plan: ModelPlan) -> torch.nn.Module:
     log.info("model <%s>", target)
     model = hydra.utils.instantiate(plan.model_cfg)
     if plan.ckpt is not None:
+        state = plan.ckpt["state_dict"]
+        if any(v is None for v in state.values()):  # a sharded checkpoint: read its shards in this one process
+            from halfbody.utils.sharded_checkpoint import read_sharded_state_dict
+
+            try:
+                state = read_sharded_state_dict(Path(os.path.expanduser(str(plan.ckpt_path))))
+            except Exception as e:  # noqa: BLE001 - any failure to read is reported as what it is
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise UserError(f"ckpt_path={str(plan.ckpt_path)!r}: the sharded checkpoint's tensors cannot be read "
+                                f"({type(e).__name__}: {first}); or consolidate it first: python -m "
+                                f"halfbody.consolidate {plan.ckpt_path}") from None
         try:
-            result = model.load_state_dict(plan.ckpt["state_dict"], strict=False)
+            result = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # tensors of other shapes
             detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
             raise UserError(f"ckpt_path={str(plan.ckpt_path)!r}: its weights do not fit the model config ({target}): "

@@ -130,10 +130,10 @@ class RectifiedFlow:
             gen_device = generator.device if generator is not None else "cpu"
             latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
         x = latents.to(device=device if device is not None else latents.device, dtype=dtype)
-        sigmas = self.sigmas(num_steps)
+        sigmas = self.sigmas(num_steps).tolist()  # host floats: nothing is read back inside the loop
         with_uncond = guidance_scale != 1.0
         for i in range(num_steps):
-            t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+            t, t_next = sigmas[i], sigmas[i + 1]
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
             out = denoise_fn(x, t_batch, with_uncond)
             if with_uncond:
