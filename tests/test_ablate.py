@@ -104,7 +104,8 @@ def test_two_row_table_end_to_end_rerun_and_failing_row(tmp_path):
 def test_failure_line_picks_the_error():
     out = "Traceback (most recent call last):\n  File x\nRuntimeError: CUDA out of memory\n"
     assert failure_line(out, 1) == "RuntimeError: CUDA out of memory"
-    assert failure_line("warn\nerror: data.train_shards='x': no such file\n", 2) == "data.train_shards='x': no such file"
+    line = failure_line("warn\nerror: data.train_shards='x': no such file\n", 2)
+    assert line == "data.train_shards='x': no such file"
     assert failure_line("", -9) == "killed by signal 9"
 
 

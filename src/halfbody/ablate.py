@@ -3,8 +3,8 @@
 It composes and runs (lightning-hydra-template style); the work is done by the other entry points. For every row of
 ``conf/table/<table>.yaml`` (the paper's rows, in its order: EchoMimicV2 Table 2, MirrorMe Table 1):
 
-1. **train**: ``python -m halfbody.train experiment=<row> [preset=<train_preset>] <train_overrides> <row overrides>`` in a
-   subprocess of its own (a crash in one row does not stop the table), into ``<output_dir>/rows/<id>/run``; or
+1. **train**: ``python -m halfbody.train experiment=<row> [preset=<train_preset>] <train_overrides> <row overrides>``
+   in a subprocess of its own (a crash in one row does not stop the table), into ``<output_dir>/rows/<id>/run``; or
    **collect** a finished run: the row's ``checkpoint`` key, or a run of an earlier call that finished with the same
    command line. An interrupted run resumes from its ``last.ckpt``.
 2. **generate** the test list with the row's checkpoint (:func:`halfbody.generate.generate`), into ``generated/``;
@@ -581,7 +581,8 @@ def _note(r: dict[str, Any]) -> str:
 
 def table_data(table: dict[str, Any], columns: list[Column]) -> tuple[list[str], list[list[Any]]]:
     """The table as a header and rows of values (None where a row has no number): the W&B table."""
-    header = [str(table.get("first_column") or "Methods"), *[c.header for c in columns], *table["extra_columns"], "note"]
+    header = [str(table.get("first_column") or "Methods"), *[c.header for c in columns], *table["extra_columns"],
+              "note"]
     data = []
     for r in table["rows"]:
         m = r.get("metrics") or {}
@@ -611,7 +612,8 @@ def render_markdown(table: dict[str, Any], columns: list[Column]) -> str:
         lines.append("Metrics not computed:")
         lines += [f"- `{m}`: {why}" for m, why in table["skipped_metrics"].items()]
         lines.append("")
-    lines += ["## Runs", "", "| row | status | mode | checkpoint | config | commit | train s | generate s | evaluate s |",
+    lines += ["## Runs", "",
+              "| row | status | mode | checkpoint | config | commit | train s | generate s | evaluate s |",
               "|---|---|---|---|---|---|---:|---:|---:|"]
     for r in table["rows"]:
         status = r.get("status", "")

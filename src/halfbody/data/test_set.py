@@ -196,7 +196,8 @@ def export_test_set(shards: str | Sequence[str], out_dir: str | Path, *, max_cli
     for key, reason in ledger.take_pending():
         skipped.append(f"{key}: {reason}")
     if not clips:
-        why = f"; skipped: {skipped[0]}" + (f" (+{len(skipped) - 1} more)" if len(skipped) > 1 else "") if skipped else ""
+        more = f" (+{len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        why = f"; skipped: {skipped[0]}{more}" if skipped else ""
         raise UserError(f"test_set.shards={shards!s}: no usable clip of kind {args['kinds']} in {len(paths)} "
                         f"shard(s){why}")
     rows = ["# image audio pose ground-truth-video (halfbody.data.test_set; paths relative to this file)"]
