@@ -183,3 +183,29 @@ def test_cli_row_crashing_in_its_train_subprocess(tmp_path):
     assert tables, "no W&B table in the offline run"
     logged = json.loads(tables[0].read_text())
     assert [r[0] for r in logged["data"]] == ["Crash", "OK"] and "SSIM↑" in logged["columns"]
+
+
+def test_interrupted_run_resumes_and_a_run_of_other_settings_is_refused(tmp_path):
+    """A run folder with a ``last.ckpt`` but no finished train record is resumed (``ckpt_path=`` on the train command
+    line); a run trained with another command line is refused in one line instead of being mixed into the table.
+    The train command is echoed (``python=/bin/echo``): only the command ablate builds is under test here."""
+    from halfbody.ablate import Row, RowFailed, TableRunner
+
+    cfg = _table_cfg(tmp_path, [{"id": "full", "name": "EchoMimicV2", "experiment": "apdh_stage1"}])
+    with open_dict(cfg):
+        cfg.python = "/bin/echo"
+    runner = TableRunner(cfg)
+    row = Row(index=0, id="full", name="EchoMimicV2", experiment="apdh_stage1")
+    row_dir = tmp_path / "table" / "rows" / "full"
+    last = row_dir / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"stand-in: an interrupted run's checkpoint")
+    (row_dir / "train.json").write_text(json.dumps({"argv": runner.train_argv(row), "returncode": None}))
+    info = runner.train(row, row_dir)
+    assert info["mode"] == "resumed" and info["checkpoint"] == str(last)
+    assert f"ckpt_path={last}" in (row_dir / "train.log").read_text()
+    assert json.loads((row_dir / "train.json").read_text())["returncode"] == 0
+
+    (row_dir / "train.json").write_text(json.dumps({"argv": ["experiment=apdh_full"], "returncode": 0}))
+    with pytest.raises(RowFailed, match="trained with other settings"):
+        runner.train(row, row_dir)
