@@ -181,7 +181,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default: tiny 2, paper 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     paper = args.size == "paper"
     repeats = args.repeats or (1 if paper else 2)
     families = list(VARIANTS) if args.family == "both" else [args.family]

@@ -17,6 +17,7 @@ steps on the same shifted grid, with classifier-free guidance through the shared
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -30,6 +31,15 @@ __all__ = ["RectifiedFlow", "shift_timesteps", "token_shift"]
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """``s t / (1 + (s - 1) t)``: the SD3 / LTX resolution-dependent shift (identity for ``s = 1``)."""
     return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_sigmas(num_steps: int, shift: float) -> tuple[float, ...]:
+    """:meth:`RectifiedFlow.sigmas` as host floats, computed once per (steps, shift): a long video's later clips
+    sample without touching a tensor outside the loop either."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be >= 1")
+    return tuple(shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).tolist())
 
 
 def token_shift(shift: float, num_tokens: int, anchor_tokens: int) -> float:
@@ -130,7 +140,7 @@ class RectifiedFlow:
             gen_device = generator.device if generator is not None else "cpu"
             latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
         x = latents.to(device=device if device is not None else latents.device, dtype=dtype)
-        sigmas = self.sigmas(num_steps).tolist()  # host floats: nothing is read back inside the loop
+        sigmas = _host_sigmas(num_steps, float(self.sample_shift))  # host floats: nothing read back in the loop
         with_uncond = guidance_scale != 1.0
         for i in range(num_steps):
             t, t_next = sigmas[i], sigmas[i + 1]
