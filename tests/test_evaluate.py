@@ -119,7 +119,7 @@ def test_identical_frames_give_fid_zero_ssim_one_capped_psnr_lpips_zero(fid_lpip
 
 def _sweep(kind: str):
     """A clip and its degradations of growing strength (noise: std; blur: box width 2k+1)."""
-    x = torch.from_numpy(_frames(5, 6, 48)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(_frames(5, 3, 48)).permute(0, 3, 1, 2).float() / 255
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
 
     def degrade(level: float) -> torch.Tensor:
