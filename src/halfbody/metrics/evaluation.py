@@ -406,6 +406,8 @@ def run_evaluation(pairs: list[VideoPair], cfg: DictConfig, device: torch.device
             audio = audio16 if audio16 is not None else load_audio16(pair)
             if audio is None:
                 note("oracle", f"{pair.name}: no audio")
+            elif gt.kpts is None:
+                note("oracle", f"{pair.name}: the ground truth has no keypoint sidecar (<stem>.kpts.npy)")
             else:
                 for k, v in oracle_metrics(gen.frames[:n], ref, gt.kpts[:n], audio, gen.fps).items():
                     row[f"oracle/{k}"] = float(v)
