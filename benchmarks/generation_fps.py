@@ -73,7 +73,7 @@ def compose(family: str, size: str, overrides: list[str]):
 def build(family: str, size: str, overrides: list[str], tmp: Path):
     """The family's LightningModule with random weights (tiny: the CPU preset; paper: the paper shapes)."""
     import hydra
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     cfg = compose(family, size, overrides)
     torch.manual_seed(0)
@@ -86,15 +86,19 @@ def build(family: str, size: str, overrides: list[str], tmp: Path):
     vae_dir = tmp / "sd-vae-ft-mse"
     if not vae_dir.exists():
         AutoencoderKL(**SD_VAE).save_pretrained(vae_dir)
+    from halfbody.echomimic_v2.network import EchoMimicV2Network
+
+    def network(latent_channels: int, **kw):  # the release's network (conf/model/network/echomimic_v2_sd15.yaml)
+        assert latent_channels == SD15_UNET["in_channels"], latent_channels
+        return EchoMimicV2Network(SD15_UNET, audio_attention="direct", audio_gain=3.0, **kw)
+
     with open_dict(cfg):
         cfg.model.phd_loss = None
-        cfg.model.network = OmegaConf.create({"_target_": "halfbody.echomimic_v2.network.EchoMimicV2Network",
-                                              "_partial_": True, "unet_config": SD15_UNET,
-                                              "audio_attention": "direct", "audio_gain": 3.0})
+        cfg.model.network = None  # built by `network` above, with random weights
         cfg.model.autoencoder.path = str(vae_dir)
         cfg.model.audio_encoder.path = None
         cfg.model.audio_encoder.random_config = WHISPER_TINY
-    return hydra.utils.instantiate(cfg.model), cfg
+    return hydra.utils.instantiate(cfg.model, network=network), cfg
 
 
 def build_mirrorme_paper(cfg):
