@@ -439,6 +439,9 @@ def run_evaluation(pairs: list[VideoPair], cfg: DictConfig, device: torch.device
         elif m in reasons or m in ("HKC", "HKV", "Sync-C", "Sync-D", "CSIM", "SSIM", "PSNR", "LPIPS"):
             why = reasons.get(m) or reasons.get("oracle") or ["no video could be measured"]
             skipped[m] = why[0] + (f" (and {len(why) - 1} more)" if len(why) > 1 else "")
+    if "oracle" in reasons and not any(m.startswith("oracle/") for m in metrics):
+        skipped["oracle"] = reasons["oracle"][0] + (f" (and {len(reasons['oracle']) - 1} more)"
+                                                    if len(reasons["oracle"]) > 1 else "")
     ordered = {m: metrics[m] for m in METRIC_ORDER if m in metrics}
     ordered.update({m: v for m, v in metrics.items() if m not in ordered})
     for m, why in skipped.items():
