@@ -11,7 +11,9 @@ across filesystems that move is a copy straight into ``last.ckpt``, so a kill mi
 :func:`inspect_checkpoint` reads a checkpoint cheaply (``torch.load(weights_only=True, mmap=True)``: the pickle
 only, tensors mapped lazily) and raises a :class:`~halfbody.utils.errors.UserError` naming the config key and the
 file when it is missing, empty, truncated, not a Lightning checkpoint or not loadable safely; for a truncated or
-unreadable file the message points to the newest loadable checkpoint in the same folder.
+unreadable file the message points to the newest loadable checkpoint in the same folder. It also reads a sharded
+checkpoint directory (``trainer=fsdp``; its ``meta.pt`` and tensor keys, when ``sharded_ok``) and a consolidated
+safetensors file (``python -m halfbody.consolidate``), see :mod:`halfbody.utils.sharded_checkpoint`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ nothing, a folder without shards, files that are not tar archives); the checkpoi
 ``model.init_checkpoint``: missing, empty, truncated, not a Lightning checkpoint, refused by safe loading, of the
 other model family); and the clip geometry the autoencoder can take (``data.resolution`` divisible by its spatial
 factor, ``data.num_frames`` and every curriculum phase's ``num_frames`` of the form ``1 + k * temporal factor``),
-asked of the autoencoder config itself.
+asked of the autoencoder config itself; ``parallelize.*`` against the trainer (under a sharded strategy such as
+``trainer=fsdp``: ``trainer.precision`` 32-true or bf16-mixed and fp32 / bf16 FSDP dtypes; a known
+``compile_backend`` and a C++ compiler for inductor on the CPU; ``global_batch_size`` divisible by the process
+count, with ``data.batch_size`` the quotient); a sharded checkpoint directory as ``ckpt_path`` only under a sharded
+strategy.
 """
 
 from __future__ import annotations
