@@ -4,7 +4,7 @@ clips with the gesture metrics (``halfbody.metrics.gestures``):
 
 - beat alignment of the sampled hands against their own audio, against two shuffled-audio controls (the same
   motion scored against another clip's audio onsets; motion sampled from another clip's audio, scored against
-  this clip's), and the ground truth's;
+  this clip's), and the ground truth's; averaged over 4 samples per clip, with standard errors;
 - hand-motion diversity against the static-pose baseline (the reference pose held: 0) and the ground truth's,
   and between two samples for the same audio.
 
@@ -29,12 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
-def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.0)) -> list[dict]:
+def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.0), seeds: int = 4) -> list[dict]:
+    """Gesture metrics of ``run_dir``'s last checkpoint on its validation clips. Beat alignment and its two controls
+    are averaged over ``seeds`` samples per clip (``*_sem``: standard error over clips x seeds); the other metrics
+    use the first sample."""
     import hydra
     from omegaconf import OmegaConf, open_dict
 
     import halfbody.utils.hydra  # noqa: F401  (registers the hb_root resolver)
-    from halfbody.metrics.gestures import beat_alignment, audio_onsets, gesture_metrics, motion_beats, diversity
+    from halfbody.metrics.gestures import audio_onsets, beat_alignment, diversity, gesture_metrics, motion_beats
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     with open_dict(cfg):
@@ -47,38 +50,47 @@ def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.0)) -> 
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["state_dict"], strict=False)
     model.eval()
+    fps = float(cfg.data.fps)
+    tgt = torch.cat([b["kpts"] for b in batches])
+    audio = torch.cat([b["audio"] for b in batches])
+    onsets = [audio_onsets(a.numpy()) for a in audio]
+    vis = [t[0, :, 2].numpy() for t in tgt]
+    n = len(tgt)
+
+    def ba(kpts, against):  # per clip: motion of clip j against the onsets of clip against[j]
+        return [beat_alignment(motion_beats(kpts[j].numpy(), fps, visible=vis[j]), onsets[against[j]]) for j in range(n)]
+
     rows = []
     for scale in guidance_scales:
-        gen, gen2, shuffled, tgt, audio = [], [], [], [], []
-        for i, batch in enumerate(batches):
-            g = torch.Generator().manual_seed(i)
-            gen.append(model.sample_keypoints(batch, generator=g, guidance_scale=scale))
-            gen2.append(model.sample_keypoints(batch, generator=torch.Generator().manual_seed(100 + i),
-                                               guidance_scale=scale))
-            rolled = dict(batch)  # the shuffled-audio control: each clip's motion sampled from the next clip's audio
-            n = batch["kpts"].shape[1]
-            feats = model.audio_features(batch, n).float().roll(1, dims=0)
-            rolled_kpts = model.pipeline(feats, batch["kpts"][:, 0].float(), n, guidance_scale=scale,
-                                         generator=torch.Generator().manual_seed(i))
-            shuffled.append(rolled_kpts)
-            tgt.append(batch["kpts"])
-            audio.append(batch["audio"])
-        gen, gen2, shuffled, tgt, audio = map(torch.cat, (gen, gen2, shuffled, tgt, audio))
-        fps = float(cfg.data.fps)
-        m = gesture_metrics(gen, tgt, audio, fps, second_sample=gen2)
-        ba_shuffled = [beat_alignment(motion_beats(shuffled[j].numpy(), fps, visible=tgt[j, 0, :, 2].numpy()),
-                                      audio_onsets(audio[j].numpy())) for j in range(len(tgt))]
-        m["beat_alignment_shuffled_audio"] = float(np.nanmean(ba_shuffled))
+        own, mismatched, shuffled, first, second = [], [], [], None, None
+        for seed in range(seeds):
+            gen, rolled = [], []
+            for i, batch in enumerate(batches):
+                g = torch.Generator().manual_seed(1000 * seed + i)
+                gen.append(model.sample_keypoints(batch, generator=g, guidance_scale=scale))
+                k = batch["kpts"].shape[1]  # the shuffled-audio control: motion sampled from the next clip's audio
+                feats = model.audio_features(batch, k).float().roll(1, dims=0)
+                rolled.append(model.pipeline(feats, batch["kpts"][:, 0].float(), k, guidance_scale=scale,
+                                             generator=torch.Generator().manual_seed(1000 * seed + i)))
+            gen, rolled = torch.cat(gen), torch.cat(rolled)
+            first, second = (gen, second) if first is None else (first, gen if second is None else second)
+            own += ba(gen, list(range(n)))
+            mismatched += ba(gen, [(j + 1) % n for j in range(n)])
+            shuffled += ba(rolled, list(range(n)))
+        m = gesture_metrics(first, tgt, audio, fps, second_sample=second)
+        for name, vals in (("beat_alignment", own), ("beat_alignment_mismatched", mismatched),
+                           ("beat_alignment_shuffled_audio", shuffled)):
+            v = np.asarray([x for x in vals if np.isfinite(x)])
+            m[name], m[name + "_sem"] = float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
         static = tgt[:, :1].expand_as(tgt)  # the static-pose baseline: the reference pose held
-        m["static_diversity"] = float(np.mean([diversity(static[j].numpy(), tgt[j, 0, :, 2].numpy())
-                                               for j in range(len(tgt))]))
-        m.update(step=int(ckpt["global_step"]), guidance_scale=scale, clips=int(len(tgt)))
+        m["static_diversity"] = float(np.mean([diversity(static[j].numpy(), vis[j]) for j in range(n)]))
+        m.update(step=int(ckpt["global_step"]), guidance_scale=scale, clips=n, seeds=seeds)
         rows.append(m)
     return rows
 
 
-SHOWN = ["step", "guidance_scale", "clips", "beat_alignment", "beat_alignment_mismatched",
-         "beat_alignment_shuffled_audio", "gt_beat_alignment", "diversity", "static_diversity", "gt_diversity",
+SHOWN = ["step", "guidance_scale", "clips", "seeds", "beat_alignment", "beat_alignment_sem", "beat_alignment_mismatched",
+         "beat_alignment_shuffled_audio", "beat_alignment_shuffled_audio_sem", "gt_beat_alignment", "diversity", "static_diversity", "gt_diversity",
          "sample_diversity", "fd_pose", "fd_kinematic", "jitter", "gt_jitter"]
 
 
