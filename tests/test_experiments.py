@@ -34,7 +34,7 @@ def test_paper_scale_defaults(name):
     cfg = _compose([f"experiment={name}"])
     assert cfg.model.network._target_.endswith("from_pretrained_parts")
     assert cfg.model.optimizer.lr == 1e-5 and cfg.model.guidance_scale == 2.5  # §4.1
-    assert cfg.data.resolution == 768 and cfg.data.batch_size == 4
+    assert cfg.data.resolution == 768 and cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1) == 4
     phases = OmegaConf.to_container(cfg.callbacks.curriculum.phases, resolve=True)
     assert all(p["steps"] in (10000, 30000, 60000) for p in phases)
 
