@@ -58,7 +58,8 @@ def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.0), see
     n = len(tgt)
 
     def ba(kpts, against):  # per clip: motion of clip j against the onsets of clip against[j]
-        return [beat_alignment(motion_beats(kpts[j].numpy(), fps, visible=vis[j]), onsets[against[j]]) for j in range(n)]
+        return [beat_alignment(motion_beats(kpts[j].numpy(), fps, visible=vis[j]), onsets[against[j]])
+                for j in range(n)]
 
     rows = []
     for scale in guidance_scales:
@@ -89,8 +90,9 @@ def evaluate(run_dir: Path, guidance_scales: tuple[float, ...] = (1.0, 2.0), see
     return rows
 
 
-SHOWN = ["step", "guidance_scale", "clips", "seeds", "beat_alignment", "beat_alignment_sem", "beat_alignment_mismatched",
-         "beat_alignment_shuffled_audio", "beat_alignment_shuffled_audio_sem", "gt_beat_alignment", "diversity", "static_diversity", "gt_diversity",
+SHOWN = ["step", "guidance_scale", "clips", "seeds", "beat_alignment", "beat_alignment_sem",
+         "beat_alignment_mismatched", "beat_alignment_shuffled_audio", "beat_alignment_shuffled_audio_sem",
+         "gt_beat_alignment", "diversity", "static_diversity", "gt_diversity",
          "sample_diversity", "fd_pose", "fd_kinematic", "jitter", "gt_jitter"]
 
 

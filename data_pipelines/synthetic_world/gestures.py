@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .audio import Syllables, sway_signal
+from .audio import Syllables
 
 _GESTURE_STREAM = 0x6E57  # SeedSequence tag: gesture styles draw apart from identities and clips
 DRIFT = 0.006  # world units: the smooth drift between strokes
@@ -51,7 +51,7 @@ class GestureStyle:
     stress_threshold: float  # syllables at least this loud make a stroke
     lag: float  # seconds from the syllable onset to the stroke apex
     width: float  # seconds, the stroke's Gaussian width
-    raise_height: float  # world units the wrists rise while speaking
+    raise_height: float  # world units the gesture space sits above the rest pose
 
     def to_json(self) -> dict:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}

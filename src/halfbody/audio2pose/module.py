@@ -188,7 +188,8 @@ class Audio2PoseModule(AnimationModule):
         if batch_idx >= self.num_sample_batches:
             return
         first = self.sample_keypoints(batch, generator=torch.Generator(device=self.device).manual_seed(batch_idx))
-        second = self.sample_keypoints(batch, generator=torch.Generator(device=self.device).manual_seed(10_000 + batch_idx))
+        second = self.sample_keypoints(batch,
+                                       generator=torch.Generator(device=self.device).manual_seed(10_000 + batch_idx))
         self._gesture_batches.append({"generated": first.cpu(), "second": second.cpu(), "target": batch["kpts"].cpu(),
                                       "audio": batch["audio"].cpu(), "fps": torch.tensor(self.batch_fps(batch))})
         h, w = batch["video"].shape[-2:]

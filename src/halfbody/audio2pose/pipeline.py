@@ -19,7 +19,6 @@ import torch
 
 from halfbody.audio2pose import keypoint_sequence as ks
 from halfbody.models.flow_matching import RectifiedFlow
-from halfbody.models.schedulers import apply_cfg
 from halfbody.utils.errors import UserError
 
 log = logging.getLogger(__name__)

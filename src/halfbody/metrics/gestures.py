@@ -10,7 +10,8 @@ hand points); points whose score is below :data:`SCORE_THRESHOLD` are left out.
   (local minima of the hands' speed, i.e. stroke apexes and holds, with a prominence threshold so that jitter does
   not count as a beat) against the *audio beats* ``B_a`` (onsets: peaks of the rising RMS envelope). ``sigma``
   defaults to 0.05 s (syllables here come at 3-6 Hz, so the 0.3 s of dance beats would score anything as aligned).
-  The control is the same motion against *another* clip's audio (:func:`gesture_metrics`' ``beat_alignment_mismatched``).
+  The control is the same motion against *another* clip's audio (``beat_alignment_mismatched`` of
+  :func:`gesture_metrics`).
 - **Diversity**: how much the hands move (mean over points of the temporal standard deviation of their position,
   frame-width units; 0 for a static pose; the "Diversity" of BEAT / DiffGesture is a distance between motion
   features, this is its per-clip keypoint form), and the distance between two samples for the same audio
