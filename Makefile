@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme learning-check-audio2pose curriculum-check bench-data bench-oracle bench-phd bench-dit bench-generate bench-world bench-pipeline official-parity table2-cpu clean
+.PHONY: install test test-slow test-all train learning-check learning-check-mirrorme learning-check-audio2pose curriculum-check bench-data bench-oracle bench-phd bench-dit bench-generate bench-paper bench-world bench-pipeline official-parity table2-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ curriculum-check:  ## apdh_full on CPU (30 steps per phase), then where audio ac
 
 bench-generate:  ## generation frames per second, both families (tiny on CPU; ARGS="--size paper --dtype bf16" on a GPU)
 	WANDB_MODE=disabled $(PY) benchmarks/generation_fps.py $(ARGS)
+
+bench-paper:  ## one GPU, <= 8 min: training step time / MFU / memory (measured vs predicted) and generation FPS at paper shapes
+	$(PY) benchmarks/paper_scale_speed.py --size paper $(ARGS)
 
 bench-dit:  ## alias: the MirrorMe rows of bench-generate
 	WANDB_MODE=disabled $(PY) benchmarks/generation_fps.py --family mirrorme $(ARGS)
