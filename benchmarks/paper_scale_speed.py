@@ -131,10 +131,7 @@ def training_row(experiment: str, size: str, device: str, bf16: bool, steps: int
            "activation_checkpointing": bool(cfg.parallelize.activation_checkpointing),
            "compile": compile_blocks, "memory_measured_gib": None if measured is None else measured / 2**30,
            "memory_predicted_gib": None if predicted is None else predicted / 2**30}
-    del module, opt
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return row
+    return row  # the module and optimizer go with this frame (the caller empties the CUDA cache)
 
 
 def generation_rows(size: str, device: str, bf16: bool, steps: int | None, compile_blocks: bool) -> list[dict]:
@@ -212,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
                             text=True).stdout.strip() or "?"
     result = {"size": args.size, "device": device_name, "peak_bf16_tflops": peak, "commit": commit,
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-              "command": "python benchmarks/paper_scale_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python benchmarks/paper_scale_speed.py "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
               "training": [], "generation": []}
     start = time.perf_counter()
     if "training" not in skip:
@@ -221,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row = training_row(experiment, args.size, args.device, bf16, steps, args.compile, args.batch)
             except torch.cuda.OutOfMemoryError as e:  # recorded, not fatal: the other rows still run
                 row = {"experiment": experiment, "error": f"out of memory: {str(e).splitlines()[0]}"}
+                torch.cuda.empty_cache()
+            if cuda:
                 torch.cuda.empty_cache()
             if peak and "achieved_tflops" in row:
                 row["mfu"] = row["achieved_tflops"] / peak

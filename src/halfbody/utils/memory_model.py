@@ -23,7 +23,8 @@ Two parts, each from the real model the run would build:
   reduce-scatters and frees each unit's), so the states above hold them.
 
 The simulated peak is checked against a measured one (the rise of the peak resident memory of the real step on CPU at
-a tiny shape: simulated / measured = 0.88) in ``tests/test_memory.py``; ``python -m halfbody.memory`` prints the table and a verdict against ``memory.gpu_gib``.
+a tiny shape: simulated / measured = 0.89) in ``tests/test_memory.py``; ``python -m halfbody.memory`` prints the table
+and a verdict against ``memory.gpu_gib``.
 Not counted: CUDA context and NCCL buffers (a fixed ``memory.reserved_gib``), allocator fragmentation, the audio
 encoder's forward (features are given precomputed; whisper-tiny / wav2vec2-base are small), dataloader workers.
 """
@@ -33,14 +34,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -105,7 +105,8 @@ def pretrained_architectures() -> Iterator[None]:
 
     from halfbody.models import audio_encoders, pretrained
 
-    originals = {"load_pretrained": pretrained.load_pretrained, "require_pretrained_dir": pretrained.require_pretrained_dir}
+    originals = {"load_pretrained": pretrained.load_pretrained,
+                 "require_pretrained_dir": pretrained.require_pretrained_dir}
     fingerprint = audio_encoders.checkpoint_fingerprint
     stand_ins = Path(tempfile.mkdtemp(prefix="halfbody-architectures-"))
 
@@ -420,7 +421,8 @@ def count_states(module: nn.Module, layout: Layout) -> StateCounts:
     sizes.append((_numel(root), _numel([p for p in root if p.requires_grad])))
     largest = max(sizes)
     return StateCounts(trainable=_numel(trainable), frozen_network=_numel(net_params) - _numel(trainable),
-                       frozen_parts=_numel(others), frozen_parts_bytes=sum(p.numel() * p.element_size() for p in others),
+                       frozen_parts=_numel(others),
+                       frozen_parts_bytes=sum(p.numel() * p.element_size() for p in others),
                        largest_unit=largest[0], largest_unit_trainable=max(s[1] for s in sizes),
                        units_total=_numel(net_params))
 
@@ -435,7 +437,8 @@ def state_rows(counts: StateCounts, s: MemorySettings) -> list[tuple[str, int, s
         rows.append(("parameters, trainable (fp32 master)", dev * 4 * counts.trainable // n, where))
         rows.append(("parameters, frozen network (fp32)", dev * 4 * counts.frozen_network // n, where))
         rows.append(("gradients (fp32)", dev * 4 * counts.trainable // n, where))
-        rows.append((f"optimizer state ({s.optimizer_states} x fp32)", dev * 4 * s.optimizer_states * counts.trainable // n,
+        rows.append((f"optimizer state ({s.optimizer_states} x fp32)",
+                     dev * 4 * s.optimizer_states * counts.trainable // n,
                      where + (" (CPU offload: on the host)" if s.cpu_offload else "")))
         units = 2 if s.reshard_after_forward else None
         gathered = (units * counts.largest_unit if units else counts.units_total) * s.param_bytes
@@ -446,7 +449,8 @@ def state_rows(counts: StateCounts, s: MemorySettings) -> list[tuple[str, int, s
         p = counts.trainable + counts.frozen_network
         rows.append(("parameters, network (fp32)", 4 * p, where))
         rows.append(("gradients (fp32)", 4 * counts.trainable, where))
-        rows.append((f"optimizer state ({s.optimizer_states} x fp32)", 4 * s.optimizer_states * counts.trainable, where))
+        rows.append((f"optimizer state ({s.optimizer_states} x fp32)", 4 * s.optimizer_states * counts.trainable,
+                     where))
         if s.ddp:
             rows.append(("DDP gradient buckets (fp32)", 4 * counts.trainable, "replicated"))
         if s.autocast:
@@ -468,7 +472,8 @@ def trace_training_step(module: nn.Module, batch: dict[str, Any], settings: Memo
     """Run ``module.diffusion_loss`` and its backward under :class:`LiveMemory` (and :func:`fused_attention` on the
     meta device); parameter gradients are dropped as soon as they are accumulated (the states count them)."""
     params = list(module.parameters())
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params if p.requires_grad]
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+             for p in params if p.requires_grad]
     attention = fused_attention() if batch["video"].device.type == "meta" else contextlib.nullcontext()
     mem = LiveMemory(exclude=params + list(module.buffers()))
     state = random.getstate()
@@ -605,7 +610,8 @@ def estimate(cfg: Any, gpu_gib: float = 80.0, reserved_gib: float = 1.5,
         rows = state_rows(counts, settings)
         rows.append(("activations: forward + backward peak (simulated at this shape)", act.peak,
                      f"{act.forward_end / GIB:.2f} GiB live when the backward starts"))
-        rows.append(("CUDA context, NCCL buffers, allocator slack (fixed)", int(reserved_gib * GIB), "memory.reserved_gib"))
+        rows.append(("CUDA context, NCCL buffers, allocator slack (fixed)", int(reserved_gib * GIB),
+                     "memory.reserved_gib"))
         total = sum(r[1] for r in rows)
         res = shape.resolution
         res_s = f"{res}x{res}" if isinstance(res, int) else "x".join(str(v) for v in res)
@@ -654,4 +660,4 @@ def worst(results: Sequence[PhaseEstimate]) -> PhaseEstimate:
 
 __all__ = ["REFERENCE_CONFIGS", "pretrained_architectures", "build_module_on_meta", "family_layout", "fused_attention",
            "LiveMemory", "training_batch", "MemorySettings", "count_states", "state_rows", "trace_training_step",
-           "phase_shapes", "estimate", "PhaseEstimate", "measured_cpu_peak", "summary_json", "worst", "GIB", "math"]
+           "phase_shapes", "estimate", "PhaseEstimate", "measured_cpu_peak", "summary_json", "worst", "GIB"]
