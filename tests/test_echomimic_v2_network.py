@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -50,7 +49,7 @@ def run(net, **kw) -> torch.Tensor:
     return net(**kw)
 
 
-def test_tiny_forward_backward_shapes_gradients_and_speed():
+def test_tiny_forward_backward_shapes_and_gradients():
     net = make_net()
     wake_zero_inits(net)
     inp = make_inputs(b=2, f=8)
@@ -62,15 +61,6 @@ def test_tiny_forward_backward_shapes_gradients_and_speed():
         grads = [p.grad for p in net.parameters() if id(p) in ids]
         assert all(g is not None for g in grads), f"group {name} has parameters without gradient"
         assert any(g.abs().sum() > 0 for g in grads), f"no gradient reaches group {name}"
-    # Speed: forward + backward, B=2, F=8, 16x16 latents (after one warm-up above).
-    times = []
-    for _ in range(2):
-        net.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        net(**inp, audio_mode="global").square().mean().backward()
-        times.append(time.perf_counter() - t0)
-    print(f"tiny fwd+bwd B=2 F=8 16x16: {min(times):.3f}s")
-    assert min(times) < 10.0  # ~0.3 s on 2 idle CPU cores; only a guard against gross slowdowns (shared CI CPUs)
 
 
 def test_fresh_temporal_modules_are_identity():
