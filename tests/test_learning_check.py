@@ -1,5 +1,5 @@
 """The learning checks' scoring path (benchmarks/learning_check.py, issue 11) on a 2-step checkpoint of each family:
-the real experiment configs (compact autoencoder fitted on first use, EMA), the real Trainer, the run's saved
+the real experiment configs (EMA weights), the real Trainer, the run's saved
 config, checkpoints loaded with weights_only, own-audio and other-clip's-audio rows, the JSON rows and the PNG plot.
 The checks themselves (45 min of CPU training) stay out of the test suite."""
 
@@ -35,8 +35,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 FAST = ["logger=none", "data.prepare.train_clips=2", "data.prepare.val_clips=2", "data.prepare.num_frames=20",
         "data.prepare.resolution=64", "data.prepare.workers=0", "data.val_samples=2", "data.batch_size=2",
-        "data.val_batch_size=2", "data.num_workers=0", "model.autoencoder.fit_steps=2",
-        "model.autoencoder.fit_batch_size=4", "model.autoencoder.fit_max_frames=16", "trainer.max_time=null",
+        "data.val_batch_size=2", "data.num_workers=0", "trainer.max_time=null",
         "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=0"]
 
 
@@ -44,11 +43,10 @@ FAST = ["logger=none", "data.prepare.train_clips=2", "data.prepare.val_clips=2",
 def test_scoring_path_on_a_two_step_checkpoint(tmp_path, data_dir, experiment):
     run = tmp_path / "run"
     cfg = compose_train([f"experiment={experiment}", f"paths.data_dir={data_dir}", *FAST], run)
-    assert cfg.model.autoencoder._target_.endswith("CompactAutoencoder") and "ema" in cfg.callbacks
+    assert "ema" in cfg.callbacks
     train(cfg)
     (run / ".hydra").mkdir()
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what Hydra's launcher writes for a real run
-    assert Path(cfg.model.autoencoder.path).is_file() and Path(cfg.model.autoencoder.path).parent.name == "synthetic_world_256"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert "ema_raw_weights" in ckpt  # the checkpoint holds the EMA weights as the model's
 

@@ -4,8 +4,8 @@ The lossless patch autoencoder keeps every pixel: a 64 x 64 frame becomes 16 x 1
 or, with 8 frames folded in, 8 x 8 x 1536 values per DiT token (MirrorMe tiny), so a tiny denoiser spends its
 capacity on background pixels and pixel noise it cannot remove. Both papers denoise in a learned compact latent
 space instead (EchoMimicV2 §3.1: SD's VAE, ``z0 = E(I)``; MirrorMe §3.1: LTX-Video's VAE, 32x space, 128
-channels). This module is that idea at CPU scale: a small convolutional autoencoder (``spatial_factor`` 8,
-``latent_channels`` 8 by default: 24x fewer values than pixels) fitted on frames of the training shards.
+channels). This module is that idea at CPU scale: a small convolutional autoencoder (e.g. ``spatial_factor`` 4,
+``latent_channels`` 8: 6x fewer values than pixels) fitted on frames of the training shards.
 
 - :class:`CompactAutoencoder` is an :class:`~halfbody.models.autoencoders.Autoencoder`. With ``temporal_patch = tf
   > 1`` it folds ``tf`` frames' latents into channels with a causal first frame, as the patch autoencoder and
