@@ -28,7 +28,7 @@ from halfbody.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "jobs_from", "run_job", "generate"]
+__all__ = ["Job", "jobs_from", "read_list", "run_job", "generate"]
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Job:
         return f"{self.where}: {name}" if self.where else name
 
 
-def _row_jobs(list_path: str, out_dir: Path) -> tuple[list[Job | str], Path]:
+def read_list(list_path: str, out_dir: Path) -> tuple[list[Job | str], Path]:
     """The rows of a list file: ``image audio [pose|-] [ground-truth video|-]`` per line, ``#`` comments, paths
     relative to the list file. A row that cannot be parsed becomes its error line."""
     p = existing_file(list_path, "list")
@@ -84,7 +84,7 @@ def jobs_from(cfg: DictConfig) -> tuple[list[Job | str], Path | None, bool]:
     """``(jobs or error lines, output_dir, batch?)``."""
     if cfg.get("list"):
         out_dir = Path(os.path.expanduser(str(cfg.get("output_dir") or cfg.paths.output_dir)))
-        rows, _ = _row_jobs(str(cfg.list), out_dir)
+        rows, _ = read_list(str(cfg.list), out_dir)
         return rows, out_dir, True
     for key in ("ref", "audio"):
         if not cfg.get(key):
