@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from halfbody.ablate import ablate, failure_line
+from halfbody.ablate import ablate
+from halfbody.ablation import failure_line
 from halfbody.data import media
 from halfbody.data.test_set import export_test_set
 from halfbody.utils.errors import UserError
@@ -189,7 +190,7 @@ def test_interrupted_run_resumes_and_a_run_of_other_settings_is_refused(tmp_path
     """A run folder with a ``last.ckpt`` but no finished train record is resumed (``ckpt_path=`` on the train command
     line); a run trained with another command line is refused in one line instead of being mixed into the table.
     The train command is echoed (``python=/bin/echo``): only the command ablate builds is under test here."""
-    from halfbody.ablate import Row, RowFailed, TableRunner
+    from halfbody.ablation import Row, RowFailed, TableRunner
 
     cfg = _table_cfg(tmp_path, [{"id": "full", "name": "EchoMimicV2", "experiment": "apdh_stage1"}])
     with open_dict(cfg):
