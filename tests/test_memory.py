@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -153,7 +152,6 @@ def test_bad_memory_settings_are_one_line():
 def test_paper_scale_known_too_large_and_shipped_configs():
     """A temporal APDH phase of 4 clips x 24 frames at 768^2 without activation checkpointing cannot fit on 80 GB; the
     shipped apdh_stage4 and mirrorme_stage2 do (the published architectures on the meta device)."""
-    t = time.time()
     over = compose_train(["experiment=apdh_stage4", "trainer=fsdp", "trainer.devices=8", "data.batch_size=4",
                           "parallelize.activation_checkpointing=false"])
     (est,) = mm.estimate(over)
@@ -161,4 +159,3 @@ def test_paper_scale_known_too_large_and_shipped_configs():
     for name in ("apdh_stage4", "mirrorme_stage2"):
         for est in mm.estimate(compose_train([f"experiment={name}", "trainer=fsdp", "trainer.devices=8"])):
             assert est.fits, est.table()
-    assert time.time() - t < 600
