@@ -25,7 +25,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from halfbody.metrics.inputs import check_protocol, collect_pairs, evaluation_device
+from halfbody.metrics.inputs import check_protocol, collect_pairs
+from halfbody.utils.devices import device_from
 from halfbody.utils.errors import exit_on_user_error
 from halfbody.utils.hydra import CONFIG_DIR
 
@@ -45,7 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     check_protocol(cfg)
     pairs, problems, inputs = collect_pairs(cfg)
-    device = evaluation_device(cfg)
+    device = device_from(cfg)
     for line in problems:
         log.warning(line)
     result = run_evaluation(pairs, cfg, device)

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 from halfbody.data import media
 from halfbody.generation.conditions import Conditions, prepare
 from halfbody.generation.inputs import existing_file
-from halfbody.generation.model import Settings, build_model, device_from, plan_model, use_bf16
+from halfbody.generation.model import Settings, build_model, plan_model, use_bf16
+from halfbody.utils.devices import device_from
 from halfbody.generation.sampling import sample
 from halfbody.generation.writer import VideoWriter
 from halfbody.utils.errors import UserError

@@ -214,19 +214,6 @@ def _pose_model(cfg: DictConfig) -> Any:
 
 
 # ================================================================================================ model
-def device_from(cfg: DictConfig) -> torch.device:
-    name = str(cfg.get("device", "auto"))
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"device={name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r}: no CUDA device is available (use device=cpu or device=auto)")
-    return dev
-
-
 def use_bf16(cfg: DictConfig, device: torch.device) -> bool:
     precision = str(cfg.get("precision", "auto"))
     if precision not in ("auto", "32", "32-true", "bf16", "bf16-mixed"):

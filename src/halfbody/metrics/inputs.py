@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from halfbody.utils.errors import UserError
 
-__all__ = ["VIDEO_SUFFIXES", "check_protocol", "collect_pairs", "evaluation_device"]
+__all__ = ["VIDEO_SUFFIXES", "check_protocol", "collect_pairs"]
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
@@ -89,20 +88,6 @@ def collect_pairs(cfg: DictConfig):
         raise UserError(f"{where}: no video to evaluate{detail}")
     inputs["videos"] = len(pairs)
     return pairs, problems, inputs
-
-
-def evaluation_device(cfg: DictConfig) -> torch.device:
-    """``device``: auto (CUDA when available), cpu, cuda or cuda:N."""
-    value = str(cfg.get("device", "auto"))
-    if value == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(value)
-    except RuntimeError:
-        raise UserError(f"device={value!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={value!r}: CUDA is not available on this machine")
-    return dev
 
 
 def check_protocol(cfg: DictConfig) -> None:

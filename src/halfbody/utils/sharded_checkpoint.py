@@ -41,7 +41,7 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from halfbody.utils.errors import UserError
-from halfbody.utils.io import atomic_output
+from halfbody.utils.io import atomic_output, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +87,6 @@ def inspect_sharded_checkpoint(path: str | os.PathLike, key: str, resume: bool =
 
 
 # ------------------------------------------------------------------------------------------------------ atomic swap
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     try:
@@ -129,7 +116,7 @@ def replace_path(tmp: Path, target: Path) -> None:
         os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def stale_temporaries(target: Path) -> list[Path]:
@@ -174,7 +161,7 @@ class FSDPStrategy(ModelParallelStrategy):
         if self.global_rank == 0:
             with atomic_output(tmp / _METADATA_FILENAME, durable=True) as t:
                 torch.save(checkpoint, t)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             replace_path(tmp, target)
             for p in stale:
                 log.warning("removing %s: the temporary directory of an interrupted save of %s", p, target.name)
