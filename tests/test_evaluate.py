@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from PIL import Image
 
 from halfbody.data import media
@@ -25,22 +23,14 @@ from halfbody.metrics.frechet import frechet_distance
 from halfbody.metrics.hands import hand_keypoint_confidence, hand_keypoint_variance
 from halfbody.metrics.sync import mfcc, sync_scores
 from halfbody.utils.errors import UserError
-from halfbody.utils.hydra import CONFIG_DIR
+from config_utils import compose_config
 from metric_weights import save_metric_weights
 
 NO_WEIGHTS = ["logger=none", "metrics.fid.weights=null", "metrics.fvd.weights=null", "metrics.lpips.backbone_path=null",
               "metrics.sync.weights=null", "metrics.csim.weights=null", "metrics.keypoints.det_model=null"]
 
 
-def compose_entry(config: str, overrides: list[str], out: Path):
-    """``conf/<config>.yaml`` (``evaluate``, ``generate``) with ``overrides``, writing under ``out``."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.log_dir = str(out)
-        del cfg.hydra
-    return cfg
+compose_entry = compose_config  # conf/<config>.yaml with overrides, writing under out
 
 
 def compose_evaluate(overrides: list[str], out: Path):

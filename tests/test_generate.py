@@ -14,15 +14,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from PIL import Image
 
 from halfbody.data import media
 from halfbody.generate import generate
 from halfbody.utils.errors import UserError, exit_on_user_error
-from halfbody.utils.hydra import CONFIG_DIR, REPO_ROOT
-from config_utils import compose_train
+from halfbody.utils.hydra import REPO_ROOT
+from config_utils import compose_config, compose_train
 from shard_utils import person_keypoints
 from test_pretrained_presets import pretrained_dir  # noqa: F401  (fixture: tiny pretrained parts on disk)
 
@@ -33,15 +32,7 @@ TRAIN = ["logger=none", "~callbacks.sample_videos", "trainer.max_steps=2", "trai
 FAST = ["steps=1", "progress=false", "resolution=32"]  # 32 x 32: a few seconds of CPU per video
 
 
-def _compose(config: str, overrides: list[str], out: Path):
-    """``conf/<config>.yaml`` (here ``generate``) with ``overrides``, writing under ``out``."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.log_dir = str(out)
-        del cfg.hydra
-    return cfg
+_compose = compose_config  # conf/<config>.yaml with overrides, writing under out
 
 
 @pytest.fixture(scope="module")
