@@ -4,10 +4,9 @@ checkpoint (batch mode) -> evaluate (every metric network from a tiny random sta
 
 Checks: the mp4 is as long as the audio (within a frame), and metrics.json holds every metric whose weights were
 given plus SSIM / PSNR and the synthetic world's oracle metrics, while each metric without weights is skipped naming
-its key (HKC / HKV: no DWPose files and no sidecars for generated videos: ``metrics.keypoints``). MirrorMe runs in the
-fast suite (its tiny preset trains and samples in about half the CPU time of EchoMimicV2's) with the cheap networks'
-stand-ins (LPIPS, SyncNet, ArcFace; FID and FVD then skipped naming their keys); EchoMimicV2 is marked slow and gets
-all five (Inception and I3D too).
+its key (HKC / HKV: no DWPose files and no sidecars for generated videos: ``metrics.keypoints``). The loop runs in the
+fast suite for both families with the cheap networks' stand-ins (LPIPS, SyncNet, ArcFace; FID and FVD then skipped
+naming their keys); a slow run of EchoMimicV2 gets all five (Inception and I3D too).
 """
 
 from __future__ import annotations
@@ -91,10 +90,14 @@ def _loop(family: str, world: Path, tmp_path: Path, tmp_path_factory, networks: 
     assert "| SSIM↑ | PSNR↑ |" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
-def test_train_generate_evaluate_mirrorme(world, tmp_path, tmp_path_factory):
-    _loop("mirrorme", world, tmp_path, tmp_path_factory, networks=("lpips", "sync", "csim"))
+CHEAP_NETWORKS = ("lpips", "sync", "csim")
+
+
+@pytest.mark.parametrize("family", ["mirrorme", "echomimic_v2"])
+def test_train_generate_evaluate(family, world, tmp_path, tmp_path_factory):
+    _loop(family, world, tmp_path, tmp_path_factory, networks=CHEAP_NETWORKS)
 
 
 @pytest.mark.slow
-def test_train_generate_evaluate_echomimic_v2(world, tmp_path, tmp_path_factory):
+def test_train_generate_evaluate_with_every_metric_network(world, tmp_path, tmp_path_factory):
     _loop("echomimic_v2", world, tmp_path, tmp_path_factory, networks=ALL_NETWORKS)
