@@ -106,6 +106,15 @@ def _tiny_model(window: int = 12, prefix: int = 4):
     return hydra.utils.instantiate(cfg.model).eval()
 
 
+def test_parallelism_for_a_family_without_a_parallelize_function_is_one_line():
+    from halfbody.utils.errors import UserError
+
+    model = _tiny_model()
+    model.parallelism = {"activation_checkpointing": True}
+    with pytest.raises(UserError, match=r"^parallelize\.\* / trainer=fsdp: Audio2PoseModule has no parallelize"):
+        model.configure_model()
+
+
 def test_windows_carry_a_motion_prefix_and_start_from_the_reference():
     from data_pipelines.synthetic_world import WorldConfig, render_clip
 

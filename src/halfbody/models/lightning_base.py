@@ -151,8 +151,10 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
     def parallelize_network(self, settings: Any, mesh: Any) -> dict[str, int]:
         """The family hook of :meth:`configure_model`: apply ``settings`` (activation checkpointing, compile, and FSDP2
         when ``mesh`` is given) to ``self.network`` through the family's parallelize function."""
-        raise NotImplementedError(f"{type(self).__name__} has no parallelize function: parallelize.* and trainer=fsdp "
-                                  "are not available for it")
+        from halfbody.utils.errors import UserError
+
+        raise UserError(f"parallelize.* / trainer=fsdp: {type(self).__name__} has no parallelize function (activation "
+                        "checkpointing, compile and FSDP2 are not available for this family)")
 
     def configure_model(self) -> None:
         """Apply the run's parallelism to the network, once (docs/ARCHITECTURE.md "Parallelism").
