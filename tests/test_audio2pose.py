@@ -271,3 +271,108 @@ def test_generate_pose_auto_from_image_and_audio(family, pose_run, tmp_path, cap
     kpts = np.load(tmp_path / "out.pose.npy")
     assert kpts.shape == (frames.shape[0], 133, 3) and frames.shape[1:] == (32, 32, 3)
     assert sum("mean reference pose" in r.getMessage() for r in caplog.records) == 1
+
+
+def _generate_pose_auto(tmp_path: Path, pose_run: Path, *overrides: str) -> np.ndarray:
+    """``generate pose=auto`` (EchoMimicV2 tiny, 32 x 32) of a 32 x 32 image ``me.png`` and 0.4 s of audio; the
+    sampled ``.pose.npy``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+    from PIL import Image
+
+    from halfbody.data import media
+    from halfbody.generate import generate
+    from halfbody.utils.hydra import CONFIG_DIR
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "me.png")
+    media.write_wav(tmp_path / "talk.wav", _bursts([0.1, 0.3], 0.4), 16000)
+    out = tmp_path / "out.mp4"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[
+            "family=echomimic_v2", f"ref={tmp_path / 'me.png'}", f"audio={tmp_path / 'talk.wav'}", "pose=auto",
+            f"pose_model.ckpt_path={pose_run}", f"output={out}", "steps=1", "progress=false", "resolution=32",
+            "guidance_scale=1.0", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        del cfg.hydra
+    assert generate(cfg)["generated"] == [str(out)]
+    return np.load(tmp_path / "out.pose.npy")
+
+
+@pytest.mark.parametrize("case", ["person", "no_person", "no_onnx"])
+def test_generate_pose_auto_starts_from_the_reference_images_keypoints(case, pose_run, tmp_path, caplog):
+    """``generate pose=auto`` without ref_keypoints extracts the reference image's keypoints with ``pose_extractor``
+    (here its ``<ref stem>.npy`` sidecar): (person) the sampled sequence starts at that person's pose and holds its
+    non-generated points (the crop follows it, as with ref_keypoints); (no_person) a sidecar with a zero-confidence
+    person, or (no_onnx) rtmlib with a missing ONNX file, is one log line and the pose model's mean reference pose
+    (the 32 x 32 image is centre-cropped as is, so the sequence is in the model's frame)."""
+    from data_pipelines.synthetic_world import WorldConfig, render_clip
+    from halfbody.audio2pose.keypoint_sequence import POSE_POINTS
+    from halfbody.audio2pose.pipeline import load_pose_model
+
+    person = render_clip(WorldConfig(resolution=32, num_frames=1), 3, "halfbody").kpts[:1]  # (1, 133, 3)
+    person[0, :, 0] = 0.9 * person[0, :, 0] + 0.04  # not the mean reference pose
+    if case == "person":
+        np.save(tmp_path / "me.npy", person)
+        kpts = _generate_pose_auto(tmp_path, pose_run, "pose_extractor.extractor=sidecar")
+        others = [i for i in range(133) if i not in POSE_POINTS]
+        np.testing.assert_allclose(kpts[0], person[0], atol=1e-4)
+        np.testing.assert_allclose(kpts[:, others], np.broadcast_to(person[:, others], kpts[:, others].shape),
+                                   atol=1e-4)
+        assert not any("mean reference pose" in r.getMessage() for r in caplog.records)
+        assert np.abs(kpts[0] - load_pose_model(str(pose_run)).mean_reference.numpy()).max() > 1e-2
+        return
+    if case == "no_person":
+        person[..., 2] = 0.0
+        np.save(tmp_path / "me.npy", person)
+        kpts = _generate_pose_auto(tmp_path, pose_run, "pose_extractor.extractor=sidecar")
+        said = "no person detected in the reference image (by the keypoint extractor)"
+    else:
+        kpts = _generate_pose_auto(tmp_path, pose_run, "pose_extractor.extractor=rtmlib",
+                                   f"pose_extractor.det_model={tmp_path / 'yolox_l.onnx'}")
+        said = "pose_extractor.det_model="
+    lines = [r.getMessage() for r in caplog.records if "mean reference pose" in r.getMessage()]
+    assert len(lines) == 1 and said in lines[0], lines
+    if case == "no_onnx":
+        assert "ONNX file not found" in lines[0]
+    mean = load_pose_model(str(pose_run)).mean_reference.numpy()
+    np.testing.assert_allclose(kpts[0], mean, atol=1e-4)
+
+
+def test_reference_image_keypoints_through_the_pipelines_extractor(tmp_path):
+    """The reference image's keypoints come from the data pipeline's extractor: a sidecar in the image's pixels is
+    normalised, a multi-person sidecar gives its largest person, a missing sidecar or an rtmlib that cannot run
+    (ONNX missing; rtmlib not installed) is ``ExtractorUnavailable`` naming the key, a bad sidecar a ``UserError``."""
+    import importlib.util
+
+    from halfbody.generation.inputs import ExtractorUnavailable, reference_image_keypoints
+    from halfbody.utils.errors import UserError
+
+    img = np.zeros((20, 10, 3), np.uint8)
+    for name in ("me.png", "two.png", "none.png"):
+        (tmp_path / name).write_bytes(b"")  # only the image's path and stem are read here
+    k = np.zeros((1, 133, 3), np.float32)
+    k[0, :, :2], k[0, :, 2] = (5.0, 10.0), 1.0
+    np.save(tmp_path / "me.npy", k)
+    got = reference_image_keypoints(img, str(tmp_path / "me.png"), "ref", {"extractor": "sidecar"})
+    assert got.shape == (1, 133, 3) and np.allclose(got[0, :, :2], 0.5)
+    two = np.zeros((1, 2, 133, 3), np.float32)
+    two[0, :, :, 2] = 1.0
+    two[0, 1, :, :2] = np.random.default_rng(0).uniform(0.1, 0.9, (133, 2))  # the larger person
+    two[0, 0, :, :2] = 0.5 + 0.01 * np.random.default_rng(1).uniform(size=(133, 2))
+    np.save(tmp_path / "two.npy", two)
+    got = reference_image_keypoints(img, str(tmp_path / "two.png"), "ref", {"extractor": "sidecar"})
+    np.testing.assert_allclose(got[0], two[0, 1])
+    with pytest.raises(ExtractorUnavailable, match=r"pose_extractor.extractor=sidecar: none.npy not found"):
+        reference_image_keypoints(img, str(tmp_path / "none.png"), "ref", {"extractor": "sidecar"})
+    with pytest.raises(ExtractorUnavailable, match=r"pose_extractor.pose_model=.*ONNX file not found .*reference"):
+        reference_image_keypoints(img, str(tmp_path / "me.png"), "ref", {
+            "extractor": "rtmlib", "det_model": str(tmp_path / "me.npy"), "pose_model": str(tmp_path / "no.onnx")})
+    if importlib.util.find_spec("rtmlib") is None:
+        with pytest.raises(ExtractorUnavailable, match=r"pose_extractor.extractor=rtmlib needs the optional packages"):
+            reference_image_keypoints(img, str(tmp_path / "me.png"), "ref", {
+                "extractor": "rtmlib", "det_model": str(tmp_path / "me.npy"), "pose_model": str(tmp_path / "me.npy")})
+    np.save(tmp_path / "me.npy", np.zeros((133, 3), np.float32))
+    with pytest.raises(UserError, match=r"ref=.*me.png.*bad sidecar: me.npy has shape \(133, 3\)") as e:
+        reference_image_keypoints(img, str(tmp_path / "me.png"), "ref", {"extractor": "sidecar"})
+    assert not isinstance(e.value, ExtractorUnavailable)

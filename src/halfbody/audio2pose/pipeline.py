@@ -105,23 +105,44 @@ class Audio2PosePipeline:
 
 
 # ------------------------------------------------------------------------------------------ generation helpers
+def reference_person(people: np.ndarray | None) -> np.ndarray | None:
+    """The person ``(133, 3)`` of ``people`` (``(133, 3)`` or ``(persons, 133, 3)``) that a generated sequence starts
+    from: the most confident one whose head, shoulders, hips and arms are visible on average (mean score of those
+    points >= ``keypoint_sequence.SCORE_THRESHOLD``); None when there is no such person."""
+    if people is None:
+        return None
+    people = np.asarray(people, np.float32).reshape(-1, 133, 3)
+    score = people[:, ks.CONTEXT_POINTS + (7, 8, 9, 10), 2].mean(1) if people.size else np.zeros(0)
+    if not (score >= ks.SCORE_THRESHOLD).any():
+        return None
+    return people[int(np.argmax(score))]
+
+
 def reference_pose(model: Any, ref_kpts: np.ndarray | None = None, image: np.ndarray | None = None,
                    extractor: Callable[[np.ndarray], np.ndarray] | None = None, where: str = "ref") -> np.ndarray:
     """The reference pose ``(133, 3)`` (x, y in ``[0, 1]`` of the reference frame) that a generated sequence starts
     from: ``ref_kpts`` (``(133, 3)`` or ``(persons, 133, 3)``) when given, else what ``extractor(image)`` finds
-    (``(persons, 133, 3)``); the most confident person whose head, shoulders, hips and arms are visible on average.
-    **Fallback** (one log line): when no keypoints are given, or they show no such person, the sequence starts from
-    the model's mean training reference pose (``Audio2PoseModule.mean_reference``, saved in the checkpoint)."""
+    (``(persons, 133, 3)``); the person :func:`reference_person` picks.
+    **Fallback** (one log line): when no keypoints are given, the extractor cannot run (it raises
+    ``generation.inputs.ExtractorUnavailable``: rtmlib not installed, an ONNX file or the sidecar missing), or the
+    keypoints show no such person, the sequence starts from the model's mean training reference pose
+    (``Audio2PoseModule.mean_reference``, saved in the checkpoint)."""
+    from halfbody.generation.inputs import ExtractorUnavailable
+
     people, source = None, ""
     if ref_kpts is not None:
         people, source = np.asarray(ref_kpts, np.float32), "in its keypoints"
     elif extractor is not None and image is not None:
-        people, source = np.asarray(extractor(image), np.float32), "by the keypoint extractor"
+        try:
+            people, source = np.asarray(extractor(image), np.float32), "by the keypoint extractor"
+        except ExtractorUnavailable as e:
+            log.warning("%s: the reference image's keypoints cannot be extracted (%s); the hand sequence starts from "
+                        "the pose model's mean reference pose (pose=auto fallback)", where, e)
+            return model.mean_reference.detach().float().cpu().numpy()
     if people is not None:
-        people = people.reshape(-1, 133, 3)
-        score = people[:, ks.CONTEXT_POINTS + (7, 8, 9, 10), 2].mean(1) if people.size else np.zeros(0)
-        if (score >= ks.SCORE_THRESHOLD).any():
-            return people[int(np.argmax(score))]
+        person = reference_person(people)
+        if person is not None:
+            return person
         log.warning("%s: no person detected in the reference image (%s); the hand sequence starts from the pose "
                     "model's mean reference pose (pose=auto fallback)", where, source)
     else:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from halfbody.data import media
-from halfbody.generation.inputs import load_audio, load_image, load_keypoints, load_pose
+from halfbody.generation.inputs import (ExtractorUnavailable, load_audio, load_image, load_keypoints, load_pose,
+                                        reference_image_keypoints)
 from halfbody.generation.model import Settings
 from halfbody.utils.errors import UserError
 
@@ -39,7 +40,7 @@ class Conditions:
     notes: list[str] = field(default_factory=list)
 
 
-def _geometry(img: np.ndarray, ref_kpts: np.ndarray | None, s: Settings, job: Job):
+def _geometry(img: np.ndarray, ref_kpts: np.ndarray | None, s: Settings, job: Job, extracted: bool = False):
     from halfbody.data.transforms import Geometry, crop_geometry
 
     src_h, src_w = img.shape[:2]
@@ -55,6 +56,9 @@ def _geometry(img: np.ndarray, ref_kpts: np.ndarray | None, s: Settings, job: Jo
     try:
         x0, y0, x1, y1 = halfbody_box(ref_kpts, src_w, src_h, CropConfig(score_threshold=s.score_threshold))
     except SourceError as e:
+        if extracted:  # pose=auto: the keypoints pose_extractor found in the reference image
+            raise UserError(f"{job.key('ref')}={job.ref!r}: no half-body crop from the keypoints pose_extractor found "
+                            f"in it ({e}); give ref_keypoints or crop=center") from None
         raise UserError(f"{job.key('ref_keypoints')}={job.ref_keypoints!r}: no half-body crop ({e})") from None
     bw, bh = x1 - x0, y1 - y0
     aspect = s.width / s.height
@@ -91,7 +95,21 @@ def prepare(job: Job, s: Settings) -> Conditions:
         pose, pose_fps = load_pose(job.pose, job.key("pose"), src_w, src_h, s.fps, s.pose_extractor)
     elif not auto and s.pipeline.POSE_REQUIRED:
         raise UserError(f"{job.key('pose')} is not set: {s.pipeline.MISSING_POSE}")
-    geom = _geometry(img, ref_kpts, s, job)
+    # pose=auto without ref_keypoints: the reference image's keypoints from pose_extractor, used as ref_keypoints
+    # (crop=auto framing, the pose model's starting pose) when they show a person; otherwise the pose model falls back
+    # to its mean reference pose with one log line (audio2pose.pipeline.reference_pose)
+    extracted: np.ndarray | ExtractorUnavailable | None = None
+    if auto and ref_kpts is None:
+        from halfbody.audio2pose.pipeline import reference_person
+
+        try:
+            extracted = reference_image_keypoints(img, job.ref, job.key("ref"), s.pose_extractor)
+        except ExtractorUnavailable as e:
+            extracted = e
+        else:
+            person = reference_person(extracted)
+            ref_kpts = None if person is None else person[None]
+    geom = _geometry(img, ref_kpts, s, job, extracted=ref_kpts is not None and not job.ref_keypoints)
     ref = geom.apply_frames(img[None], s.pad_value)[0]
     notes: list[str] = []
     pose_px = None
@@ -113,7 +131,15 @@ def prepare(job: Job, s: Settings) -> Conditions:
     if auto:  # sampled in the model's frame (as it trained), kept in the reference image's frame (as pose= reads it)
         scale = np.array([s.width, s.height, 1.0], np.float32)
         ref_out = None if ref_kpts is None else geom.apply_keypoints(ref_kpts).reshape(133, 3) / scale
-        pose_px = scale * s.pose_model(audio16, s.fps, num_frames, ref_kpts=ref_out, seed=s.seed, where=job.key("ref"))
+
+        def extractor(_image: np.ndarray) -> np.ndarray:  # the keypoints extracted above, in the model's frame
+            if isinstance(extracted, Exception):
+                raise extracted
+            return geom.apply_keypoints(extracted) / scale
+
+        pose_px = scale * s.pose_model(audio16, s.fps, num_frames, ref_kpts=ref_out, image=img,
+                                       extractor=None if extracted is None else extractor, seed=s.seed,
+                                       where=job.key("ref"))
         lo, hi = geom.apply_keypoints(np.array([[0, 0, 1], [1, 1, 1]], np.float32))[:, :2]
         auto_pose = pose_px.copy()
         auto_pose[..., :2] = (pose_px[..., :2] - lo) / (hi - lo)

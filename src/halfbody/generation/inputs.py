@@ -15,7 +15,8 @@ from halfbody.data import media
 from halfbody.utils.errors import UserError
 
 __all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "load_image", "load_audio", "load_keypoints", "load_pose",
-           "driving_video_pose", "existing_file"]
+           "driving_video_pose", "reference_image_keypoints", "keypoint_extractor", "ExtractorUnavailable",
+           "existing_file"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -122,24 +123,20 @@ EXTRACTOR_KEYS = ("extractor", "det_model", "pose_model", "sidecar_suffix", "det
                   "det_score", "device")
 
 
-def driving_video_pose(path: str, key: str, fps: float, extractor: Mapping[str, Any],
-                       max_side: int = 1024, chunk: int = 64) -> np.ndarray:
-    """``(T, 133, 3)`` keypoints of the main person in a driving video, one row per output frame at ``fps``.
+class ExtractorUnavailable(UserError):
+    """The configured keypoint extractor cannot run here: ``rtmlib`` / ``onnxruntime`` not installed (the optional
+    ``[pose]`` extra), a DWPose ONNX file missing, or no sidecar next to the file. ``pose=auto`` falls back on it;
+    a driving video cannot."""
 
-    The video is decoded by presentation time at ``fps`` (variable frame rates and rotation flags handled; the pose
-    is thus resampled to the output's frame rate) and its keypoints come from the extractor of
-    ``data_pipelines.video_to_shards`` (``pose_extractor.extractor``): ``rtmlib`` runs DWPose / RTMW from the local
-    ONNX files ``pose_extractor.det_model`` / ``pose_extractor.pose_model`` (a missing file is one line naming its
-    key; nothing is downloaded), ``sidecar`` reads ``<video stem><pose_extractor.sidecar_suffix>`` next to the video
-    (keypoints per source frame, as the pipeline's sidecar). ``x, y`` are normalised to the video's frame as
-    displayed, which is taken as the reference image's frame (a driving video framed like the reference).
-    """
+
+def keypoint_extractor(extractor: Mapping[str, Any], purpose: str):
+    """The data pipeline's extractor (``data_pipelines.video_to_shards.keypoints.make_extractor``) configured by
+    ``pose_extractor`` (conf/generate.yaml): ``(extractor, its PipelineConfig)``. An unknown key or kind is a
+    ``UserError``; an extractor that cannot run here (see :class:`ExtractorUnavailable`) names its key and
+    ``purpose`` (what the keypoints are needed for)."""
     from data_pipelines.video_to_shards.config import ConfigError, KeypointsConfig, PipelineConfig
-    from data_pipelines.video_to_shards.decode import SourceError, VideoReader
     from data_pipelines.video_to_shards.keypoints import make_extractor
-    from data_pipelines.video_to_shards.sources import Source
 
-    p = existing_file(path, key)
     opts = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in dict(extractor).items() if v is not None}
     unknown = sorted(set(opts) - set(EXTRACTOR_KEYS))
     if unknown:
@@ -147,20 +144,76 @@ def driving_video_pose(path: str, key: str, fps: float, extractor: Mapping[str, 
     kind = str(opts.get("extractor", "rtmlib"))
     if kind not in ("rtmlib", "sidecar"):
         raise UserError(f"pose_extractor.extractor={kind!r}: expected rtmlib (DWPose ONNX files) or sidecar "
-                        "(<video stem>.npy keypoints next to the video)")
+                        "(<stem>.npy keypoints next to the file)")
     if kind == "rtmlib":
         for name in ("det_model", "pose_model"):
             model = opts.get(name)
             if not model or not Path(os.path.expanduser(str(model))).is_file():
-                raise UserError(f"pose_extractor.{name}={model!r}: ONNX file not found (needed to extract the pose of "
-                                f"the driving video {key}={str(path)!r}; put the DWPose model there or set the key; "
-                                "nothing is downloaded)")
+                raise ExtractorUnavailable(f"pose_extractor.{name}={model!r}: ONNX file not found (needed to extract "
+                                           f"the keypoints of {purpose}; put the DWPose model there or set the key; "
+                                           "nothing is downloaded)")
             opts[name] = str(Path(os.path.expanduser(str(model))))
     try:
         cfg = PipelineConfig(keypoints=KeypointsConfig(**opts))
-        ex = make_extractor(cfg)
+        return make_extractor(cfg), cfg
     except (ConfigError, TypeError, ValueError) as e:
-        raise UserError(f"pose_extractor: {str(e).replace('config keypoints.', 'pose_extractor.')}") from None
+        msg = f"pose_extractor: {str(e).replace('config keypoints.', 'pose_extractor.')}"
+        if isinstance(e.__cause__, ImportError):  # rtmlib / onnxruntime missing: the optional [pose] extra
+            raise ExtractorUnavailable(msg.replace("keypoints.extractor=", "pose_extractor.extractor=")) from None
+        raise UserError(msg) from None
+
+
+def reference_image_keypoints(image: np.ndarray, path: str, key: str, extractor: Mapping[str, Any]) -> np.ndarray:
+    """``(1, 133, 3)`` keypoints of the main person in the reference image ``image`` (``(H, W, 3)`` RGB, as
+    :func:`load_image` read ``path``), ``x, y`` in ``[0, 1]`` of the image, score 0 where nothing was found.
+
+    The extractor is the one :func:`driving_video_pose` uses (``pose_extractor``): ``rtmlib`` runs DWPose on the
+    image; ``sidecar`` reads ``<ref stem><pose_extractor.sidecar_suffix>`` next to the image (the pipeline's sidecar
+    format with one frame: ``(1, 133, 3)`` or ``(1, P, 133, 3)``, normalised or in the image's pixels). Raises
+    :class:`ExtractorUnavailable` when the extractor cannot run (no sidecar included), ``UserError`` for a bad
+    sidecar."""
+    from data_pipelines.video_to_shards.decode import Frame, SourceError, VideoInfo
+    from data_pipelines.video_to_shards.sources import Source
+
+    p = existing_file(path, key)
+    ex, cfg = keypoint_extractor(extractor, f"the reference image {key}={str(path)!r}")
+    sidecar = p.with_name(p.stem + cfg.keypoints.sidecar_suffix)
+    h, w = image.shape[:2]
+    source = Source(sid="reference", video=str(p), audio=None, sidecar=str(sidecar), identity="reference")
+    try:
+        ex.open(source, VideoInfo(width=w, height=h, work_width=w, work_height=h, rotation=0, duration=None,
+                                  origin=0.0))
+        try:
+            kpts = ex.extract([Frame(index=0, time=0.0, src_index=0, image=np.ascontiguousarray(image))])[0]
+        finally:
+            ex.close()
+    except SourceError as e:
+        if e.category == "missing sidecar":
+            raise ExtractorUnavailable(f"pose_extractor.extractor=sidecar: {e.detail} (the reference image "
+                                       f"{key}={str(path)!r})") from None
+        raise UserError(f"{key}={str(path)!r}: reference image keypoints: {e}") from None
+    return kpts.astype(np.float32)
+
+
+def driving_video_pose(path: str, key: str, fps: float, extractor: Mapping[str, Any],
+                       max_side: int = 1024, chunk: int = 64) -> np.ndarray:
+    """``(T, 133, 3)`` keypoints of the main person in a driving video, one row per output frame at ``fps``.
+
+    The video is decoded by presentation time at ``fps`` (variable frame rates and rotation flags handled; the pose
+    is thus resampled to the output's frame rate) and its keypoints come from the extractor of
+    ``data_pipelines.video_to_shards`` (``pose_extractor.extractor``, :func:`keypoint_extractor`): ``rtmlib`` runs
+    DWPose / RTMW from the local ONNX files ``pose_extractor.det_model`` / ``pose_extractor.pose_model`` (a missing
+    file is one line naming its key; nothing is downloaded), ``sidecar`` reads
+    ``<video stem><pose_extractor.sidecar_suffix>`` next to the video (keypoints per source frame, as the pipeline's
+    sidecar). ``x, y`` are normalised to the video's frame as displayed, which is taken as the reference image's
+    frame (a driving video framed like the reference).
+    """
+    from data_pipelines.video_to_shards.decode import SourceError, VideoReader
+    from data_pipelines.video_to_shards.sources import Source
+
+    p = existing_file(path, key)
+    ex, cfg = keypoint_extractor(extractor, f"the driving video {key}={str(path)!r}")
+    kind = cfg.keypoints.extractor
     source = Source(sid="driving", video=str(p), audio=None,
                     sidecar=str(p.with_name(p.stem + cfg.keypoints.sidecar_suffix)), identity="driving")
     try:
