@@ -303,3 +303,52 @@ def test_fid_equals_torchmetrics_with_the_fid_inception_as_its_feature_extractor
     tm.update(x, real=True)
     tm.update(y, real=False)
     assert float(tm.compute()) == pytest.approx(frechet_inception_distance(net, [x], [y]), rel=1e-3)
+
+
+def test_gesture_metrics_through_evaluate_from_pose_npy_beside_the_generated_videos(tmp_path):
+    """``generate pose=auto`` writes ``<stem>.pose.npy`` beside the mp4: ``evaluate`` scores it against the ground
+    truth's keypoint sidecar with the audio (``gesture/*``). Known answers: the ground truth's own keypoints as the
+    generated ones give beat alignment, diversity and jitter equal to the ground truth's (jitter ratio 1) and
+    keypoint FDs of 0, the shuffled-audio control is measured over the two videos; without ``.pose.npy`` the
+    gesture metrics are listed under ``skipped`` with the reason."""
+    from halfbody.metrics.gestures import ARM_HAND_POINTS
+
+    gen, gt, bare = tmp_path / "gen", tmp_path / "gt", tmp_path / "bare"
+    for d in (gen, gt, bare):
+        d.mkdir()
+    fps, frames = 25.0, 40
+    t = np.arange(frames) / fps
+    for i, period in enumerate((0.4, 0.55)):
+        k = np.zeros((frames, 133, 3), np.float32)
+        k[..., :2], k[..., 2] = 0.5, 1.0
+        offsets = np.linspace(0.5, 1.5, len(ARM_HAND_POINTS))[None]  # points move by different amounts
+        k[:, ARM_HAND_POINTS, 0] += 0.05 * offsets * np.sin(2 * np.pi * t / period)[:, None]
+        k[:, ARM_HAND_POINTS, 1] += 0.03 * offsets * np.cos(2 * np.pi * t / (2 * period))[:, None]
+        s = np.arange(int(frames / fps * 16000)) / 16000
+        env = (np.sin(np.pi * s / period) > 0.9).astype(np.float32)  # bursts, one per period
+        audio = (0.4 * env * np.sin(2 * np.pi * 200 * s)).astype(np.float32)
+        video = _frames(i, frames, 48)
+        media.write_video(gt / f"clip{i}.mp4", video, fps)
+        np.save(gt / f"clip{i}.kpts.npy", k)
+        for d in (gen, bare):
+            media.write_video(d / f"clip{i}.mp4", video, fps, audio, 16000)
+        np.save(gen / f"clip{i}.pose.npy", k)  # the ground truth's own keypoints, as the generated ones
+    cfg = compose_evaluate(NO_WEIGHTS + [f"generated={gen}", f"ground_truth={gt}", "protocol.resolution=48"],
+                           tmp_path / "run")
+    result = evaluate(cfg)
+    m = result["metrics"]
+    assert m["gesture/jitter"] > 0 and m["gesture/jitter"] / m["gesture/gt_jitter"] == pytest.approx(1.0, abs=1e-6)
+    assert m["gesture/diversity"] == pytest.approx(m["gesture/gt_diversity"], rel=1e-6) and m["gesture/diversity"] > 0
+    assert m["gesture/beat_alignment"] == pytest.approx(m["gesture/gt_beat_alignment"], abs=1e-9)
+    assert 0 <= m["gesture/beat_alignment_mismatched"] <= 1
+    assert abs(m["gesture/fd_pose"]) < 1e-4 and abs(m["gesture/fd_kinematic"]) < 1e-2
+    assert result["per_video"]["clip1"]["gesture/jitter"] == pytest.approx(
+        result["per_video"]["clip1"]["gesture/gt_jitter"], rel=1e-6)
+    assert "one sampled sequence per video" in result["skipped"]["gesture/sample_diversity"]
+    assert "gesture/jitter" in (tmp_path / "run" / "metrics.md").read_text()
+    cfg = compose_evaluate(NO_WEIGHTS + [f"generated={bare}", f"ground_truth={gt}", "protocol.resolution=48"],
+                           tmp_path / "run_bare")
+    result = evaluate(cfg)
+    assert not any(k.startswith("gesture/") for k in result["metrics"])
+    assert "no clip0.pose.npy beside the generated video" in result["skipped"]["gesture"]
+    assert "(and 1 more)" in result["skipped"]["gesture"]

@@ -19,6 +19,9 @@ Sync-C/D    SyncNet offset search on face crops + audio audio, ``metrics.sync.we
 HKC, HKV    hand keypoints measured on generated frames DWPose ONNX files or keypoint sidecars         :mod:`.hands`
 CSIM        ArcFace cosine, reference face vs frames    face keypoints, ``metrics.csim.weights``       :mod:`.csim`
 oracle/*    synthetic-world oracle metrics              synthetic data (``protocol.synthetic``)         :mod:`.oracle`
+gesture/*   beat alignment (+ shuffled-audio control),  ``<stem>.pose.npy`` beside the generated video  :mod:`.gestures`
+            diversity, keypoint FD, jitter of the       (generate pose=auto), the ground truth's
+            generated hand keypoint sequence            keypoint sidecar, audio
 ==========  ==========================================  =============================================  ==================
 
 A metric whose weights are missing is skipped with one line naming the config key; the others still run.
@@ -50,6 +53,12 @@ METRIC_ORDER = ("FID", "FVD", "SSIM", "PSNR", "LPIPS", "E-FID", "Sync-D", "Sync-
 HIGHER_IS_BETTER = {"FID": False, "FVD": False, "SSIM": True, "PSNR": True, "LPIPS": False, "E-FID": False,
                     "Sync-D": False, "Sync-C": True, "HKC": True, "HKV": True, "CSIM": True}
 PAIRWISE = ("FID", "FVD", "SSIM", "PSNR", "LPIPS")
+POSE_SUFFIX = ".pose.npy"  # generate pose=auto writes the sampled keypoints beside the mp4 as <stem>.pose.npy
+#: halfbody.metrics.gestures.GESTURE_METRICS that evaluate reports (as gesture/<name>): one draw per video, so no
+#: sample_diversity; beat_alignment_mismatched is the shuffled-audio control (each video's motion vs the next's audio)
+GESTURES = ("beat_alignment", "beat_alignment_mismatched", "gt_beat_alignment", "diversity", "gt_diversity",
+            "fd_pose", "fd_kinematic", "jitter", "gt_jitter")
+HIGHER_IS_BETTER.update({"gesture/beat_alignment": True, "gesture/fd_pose": False, "gesture/fd_kinematic": False})
 
 
 @dataclass
@@ -73,6 +82,8 @@ class Video:
     fps: float
     kpts: np.ndarray | None
     kpts_source: str | None
+    source_fps: float | None = None  # the file's frame rate and displayed size, before the protocol
+    source_size: tuple[int, int] | None = None  # (width, height)
 
     def tensor(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``(F, 3, R, R)`` float in ``[0, 1]``."""
@@ -132,13 +143,21 @@ def load_video(path: Path, protocol: DictConfig, suffixes=()) -> Video:
     kpts, source = None, None
     side = sidecar(path, suffixes) if suffixes else None
     if side is not None:
-        k = load_keypoints(side, w, h)
-        k = k[np.clip(_resample_indices(k.shape[0], fps, protocol.get("fps")), 0, k.shape[0] - 1)]
-        px = geo.apply_keypoints(k)
-        px[..., 0] /= r
-        px[..., 1] /= r
-        kpts, source = px, f"sidecar {side.name}"
-    return Video(out, float(protocol.get("fps") or fps), kpts, source)
+        kpts, source = protocol_keypoints(load_keypoints(side, w, h), w, h, fps, protocol), f"sidecar {side.name}"
+    return Video(out, float(protocol.get("fps") or fps), kpts, source, float(fps), (w, h))
+
+
+def protocol_keypoints(k: np.ndarray, width: int, height: int, fps: float, protocol: DictConfig) -> np.ndarray:
+    """Keypoints ``(T, 133, 3)`` normalised to a ``width x height`` frame at ``fps`` -> the protocol's frame rate
+    and crop (as :func:`load_video` maps the frames), normalised to the protocol frame."""
+    from halfbody.data.transforms import crop_geometry
+
+    r = int(protocol.resolution)
+    k = k[np.clip(_resample_indices(k.shape[0], fps, protocol.get("fps")), 0, k.shape[0] - 1)]
+    px = crop_geometry(width, height, r, r).apply_keypoints(k)
+    px[..., 0] /= r
+    px[..., 1] /= r
+    return px
 
 
 def load_reference(path: Path, protocol: DictConfig, suffixes=()) -> tuple[np.ndarray, np.ndarray | None]:
@@ -299,6 +318,7 @@ def run_evaluation(pairs: list[VideoPair], cfg: DictConfig, device: torch.device
     from . import sync as sync_mod
     from .fid import inception_features
     from .frechet import frechet_distance
+    from .gestures import gesture_metrics
     from .oracle import oracle_metrics
 
     p = cfg.protocol
@@ -310,6 +330,8 @@ def run_evaluation(pairs: list[VideoPair], cfg: DictConfig, device: torch.device
     per_video: dict[str, dict[str, Any]] = {}
     fid_real, fid_fake, fvd_real, fvd_fake = [], [], [], []
     reasons: dict[str, list[str]] = {}
+    gestures_on = bool(cfg.metrics.get("gestures", {}).get("enabled", True))
+    gesture_sets: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []  # (generated, ground truth, audio, fps)
 
     def note(metric: str, why: str) -> None:
         reasons.setdefault(metric, []).append(why)
@@ -411,6 +433,14 @@ def run_evaluation(pairs: list[VideoPair], cfg: DictConfig, device: torch.device
             else:
                 for k, v in oracle_metrics(gen.frames[:n], ref, gt.kpts[:n], audio, gen.fps).items():
                     row[f"oracle/{k}"] = float(v)
+        # --- gesture metrics: the sampled keypoints (<stem>.pose.npy of generate pose=auto) vs the ground truth's
+        if gestures_on:
+            audio = audio16 if audio16 is not None else load_audio16(pair)
+            seqs = _gesture_sequences(pair, gen, gt, n, audio, p, note)
+            if seqs is not None:
+                gesture_sets.append((*seqs, audio, gen.fps))
+                one = gesture_metrics([seqs[0]], [seqs[1]], [audio], gen.fps)
+                row.update({f"gesture/{k}": float(one[k]) for k in GESTURES if k != "beat_alignment_mismatched"})
         per_video[pair.name] = row
 
     metrics: dict[str, float] = {}
@@ -439,6 +469,28 @@ def run_evaluation(pairs: list[VideoPair], cfg: DictConfig, device: torch.device
         elif m in reasons or m in ("HKC", "HKV", "Sync-C", "Sync-D", "CSIM", "SSIM", "PSNR", "LPIPS"):
             why = reasons.get(m) or reasons.get("oracle") or ["no video could be measured"]
             skipped[m] = why[0] + (f" (and {len(why) - 1} more)" if len(why) > 1 else "")
+    if not gestures_on:
+        skipped["gesture"] = "disabled (metrics.gestures.enabled=false)"
+    elif gesture_sets:  # over the set: the shuffled-audio control pairs videos, the FDs pool their frames
+        gen_k, gt_k, audios, fps = zip(*gesture_sets)
+        if len(set(fps)) > 1:
+            log.warning("gesture metrics: videos at different frame rates %s (protocol.fps=null); the set-level "
+                        "values use %g fps", sorted(set(fps)), fps[0])
+        over = gesture_metrics(list(gen_k), list(gt_k), list(audios), float(fps[0]))
+        for k in GESTURES:
+            if math.isfinite(over[k]):
+                metrics[f"gesture/{k}"] = float(over[k])
+            elif k == "beat_alignment_mismatched" and len(gesture_sets) < 2:
+                skipped[f"gesture/{k}"] = ("the shuffled-audio control needs 2 or more videos with keypoints "
+                                           f"({len(gesture_sets)})")
+            else:
+                skipped[f"gesture/{k}"] = ("not measurable (no motion or audio beats, no visible arm / hand points, "
+                                           "or too few frames)")
+        skipped["gesture/sample_diversity"] = ("one sampled sequence per video (needs two draws for the same audio; "
+                                               "validation of family=audio2pose reports it)")
+    elif "gesture" in reasons:
+        why = reasons["gesture"]
+        skipped["gesture"] = why[0] + (f" (and {len(why) - 1} more)" if len(why) > 1 else "")
     if "oracle" in reasons and not any(m.startswith("oracle/") for m in metrics):
         skipped["oracle"] = reasons["oracle"][0] + (f" (and {len(reasons['oracle']) - 1} more)"
                                                     if len(reasons["oracle"]) > 1 else "")
@@ -448,6 +500,45 @@ def run_evaluation(pairs: list[VideoPair], cfg: DictConfig, device: torch.device
         log.warning("%s skipped: %s", m, why)
     return {"metrics": ordered, "skipped": {m: skipped[m] for m in sorted(skipped, key=_order_key)},
             "per_video": per_video, "protocol": OmegaConf.to_container(p, resolve=True)}
+
+
+def _gesture_sequences(pair: VideoPair, gen: Video, gt: Video | None, n: int, audio: np.ndarray | None,
+                       p: DictConfig, note) -> tuple[np.ndarray, np.ndarray] | None:
+    """The generated hand keypoint sequence (``<stem>.pose.npy`` beside the generated video, x / y in ``[0, 1]`` of
+    the reference image's frame, one row per generated frame) and the ground truth's keypoints, both ``(m, 133, 3)``
+    in the protocol's frame and rate; None (the reason noted under ``gesture``) when a side is missing. The pose
+    file's frame is the reference image's (the list's), else the ground truth's (generate frames the reference like
+    the clip it comes from; ``halfbody.data.test_set`` exports the clip's own first frame or crop)."""
+    from halfbody.generation.inputs import load_image
+
+    pose = pair.generated.with_suffix(POSE_SUFFIX)
+    if not pose.is_file():
+        note("gesture", f"{pair.name}: no {pose.name} beside the generated video (generate pose=auto writes the "
+                        "sampled keypoints there)")
+        return None
+    if gt is None:
+        note("gesture", f"{pair.name}: no ground truth (its keypoints are what the sampled ones are compared with)")
+        return None
+    if gt.kpts is None:
+        note("gesture", f"{pair.name}: the ground truth has no keypoint sidecar (<stem>.kpts.npy)")
+        return None
+    if audio is None:
+        note("gesture", f"{pair.name}: no audio (the list's audio column or the generated video's track)")
+        return None
+    if pair.reference is not None:
+        h, w = load_image(str(pair.reference), "reference").shape[:2]
+    else:
+        w, h = gt.source_size
+    try:
+        k = protocol_keypoints(load_keypoints(pose, w, h), w, h, gen.source_fps or gen.fps, p)
+    except (ValueError, OSError) as e:
+        note("gesture", f"{pair.name}: {pose.name}: {type(e).__name__}: {e}")
+        return None
+    m = min(n, k.shape[0], gt.kpts.shape[0])
+    if m < 4:
+        note("gesture", f"{pair.name}: {m} frames with keypoints on both sides (jitter needs 4)")
+        return None
+    return k[:m], gt.kpts[:m]
 
 
 def _order_key(m: str) -> tuple[int, str]:

@@ -22,7 +22,8 @@ hand points); points whose score is below :data:`SCORE_THRESHOLD` are left out.
 - **Jitter**: mean magnitude of the third time derivative (jerk), frame-width units / s^3.
 
 :func:`gesture_metrics` computes them for a batch (validation of ``family=audio2pose`` logs them as
-``val/gesture/*``; ``python -m halfbody.evaluate`` can call it on any keypoint sequences with audio).
+``val/gesture/*``; ``python -m halfbody.evaluate`` reports them as ``gesture/*`` for generated videos with a
+``<stem>.pose.npy`` from ``generate pose=auto`` against the ground truth's keypoints, ``metrics/evaluation.py``).
 """
 
 from __future__ import annotations
@@ -162,18 +163,19 @@ def _features(seqs, fps: float, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def gesture_metrics(generated, target, audio, fps: float, second_sample=None) -> dict[str, float]:
-    """The gesture metrics of a batch: ``generated`` / ``target`` ``(B, T, 133, 3)`` keypoints, ``audio`` ``(B, S)``
-    16 kHz audio of the clips (frame ``f`` at ``f / fps`` seconds), ``second_sample`` optional ``(B, T, 133, 3)``
-    other draws for the same audio (``sample_diversity``). Points are those visible in the target's first frame.
+    """The gesture metrics of a batch: ``generated`` / ``target`` ``(B, T, 133, 3)`` keypoints (or lists of ``B``
+    ``(T_i, 133, 3)`` sequences, clip ``i``'s two of equal length), ``audio`` ``(B, S)`` (or a list) 16 kHz audio of
+    the clips (frame ``f`` at ``f / fps`` seconds), ``second_sample`` optional ``(B, T, 133, 3)`` other draws for
+    the same audio (``sample_diversity``). Points are those visible in the target's first frame.
 
     ``beat_alignment_mismatched`` is the control: each clip's motion against the next clip's audio beats (needs
     ``B >= 2``). Keys: :data:`GESTURE_METRICS` (nan where not measurable)."""
-    gen, tgt = _np(generated), _np(target)
-    b = gen.shape[0]
+    gen, tgt = [_np(g) for g in generated], [_np(t) for t in target]
+    b = len(gen)
     onsets = [audio_onsets(audio[i]) for i in range(b)]
     out = {k: [] for k in GESTURE_METRICS}
     for i in range(b):
-        vis = tgt[i, 0, :, 2]
+        vis = tgt[i][0, :, 2]
         beats = motion_beats(gen[i], fps, visible=vis)
         out["beat_alignment"].append(beat_alignment(beats, onsets[i]))
         if b > 1:
@@ -182,10 +184,10 @@ def gesture_metrics(generated, target, audio, fps: float, second_sample=None) ->
         out["diversity"].append(diversity(gen[i], vis))
         out["gt_diversity"].append(diversity(tgt[i], vis))
         if second_sample is not None:
-            out["sample_diversity"].append(sample_diversity(gen[i], _np(second_sample)[i], vis))
+            out["sample_diversity"].append(sample_diversity(gen[i], _np(second_sample[i]), vis))
         out["jitter"].append(jitter(gen[i], fps, vis))
         out["gt_jitter"].append(jitter(tgt[i], fps, vis))
-    ok = (tgt[:, 0, list(ARM_HAND_POINTS), 2] >= SCORE_THRESHOLD).all(0)
+    ok = np.stack([t[0, list(ARM_HAND_POINTS), 2] >= SCORE_THRESHOLD for t in tgt]).all(0)
     result = {k: _nanmean(v) for k, v in out.items()}
     if ok.any():
         gp, gk = _features(gen, fps, ok)
