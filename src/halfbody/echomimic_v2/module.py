@@ -165,11 +165,12 @@ class EchoMimicV2Module(AnimationModule):
         """One network evaluation, ``(B, F, C, h, w)`` -> predicted velocity of the same shape."""
         audio_mask, audio_mode = self.audio_mask_and_mode(batch)
         pose = None if "pose_encoder" in self.muted_groups else batch["pose"]
-        return self.network(
+        out = self.network(
             noisy_latents, timesteps, cond["ref_latents"], cond["audio_feats"], pose,
             audio_mask=audio_mask, audio_mode=audio_mode, ref_keep=ref_keep, audio_keep=audio_keep, pose_keep=pose_keep,
             reference_bank=cond.get("reference_bank"),
         )
+        return self.noise_scheduler.as_velocity(out, noisy_latents, timesteps)
 
     def loss_weights(self, batch: dict[str, Any], latent_shape: torch.Size) -> torch.Tensor:
         """Valid-pixel weights at latent resolution ``(B, F, 1, h, w)``: padding (HPA, letterbox) is excluded."""

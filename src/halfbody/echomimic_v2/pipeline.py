@@ -266,15 +266,16 @@ class EchoMimicV2Pipeline:
         def denoise(x_w: torch.Tensor, t: torch.Tensor, frames: list[int], uncond: bool):
             feats, p, mask = take(audio_feats, frames), take(pose_feats, frames), take(audio_mask, frames)
             if not uncond:
-                return net(x_w, t, ref_latents, feats, None, audio_mask=mask, audio_mode=audio_mode,
-                           reference_bank=bank, pose_features=p)
+                out = net(x_w, t, ref_latents, feats, None, audio_mask=mask, audio_mode=audio_mode,
+                          reference_bank=bank, pose_features=p)
+                return self.scheduler.as_velocity(out, x_w, t)
             cat = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
             # one batch of 2B: conditional first, then the unconditional branch (no reference, audio or pose)
             # audio_keep False: the network drops audio as released (zero audio tokens into attn2)
             out = net(torch.cat([x_w, x_w]), torch.cat([t, t]), ref2, cat(feats), None, audio_mask=cat(mask),
                       audio_mode=audio_mode, ref_keep=keep, audio_keep=keep, pose_keep=keep, reference_bank=bank2,
                       pose_features=cat(p))
-            return out.chunk(2)
+            return self.scheduler.as_velocity(out, torch.cat([x_w, x_w]), torch.cat([t, t])).chunk(2)
 
         return denoise
 

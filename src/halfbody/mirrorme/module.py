@@ -183,6 +183,7 @@ class MirrorMeModule(AnimationModule):
         target = self.flow.velocity_target(x0, noise, t)
         pred = self.network(xt, t, ref, feats, self.pose_input(batch), fps=self.batch_fps(batch), face_mask=face_gate,
                             clean_latent_frames=motion, **keeps)
+        pred = self.flow.as_velocity(pred, xt, t)
         err = (pred.float() - target.float()).pow(2).mean(dim=2)  # (B, F', h, w), mean over channels
         weight = to_latent_grid(batch["valid"], *self.factors, reduce="mean")  # padding excluded
         if motion:

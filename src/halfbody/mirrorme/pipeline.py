@@ -148,11 +148,13 @@ class MirrorMePipeline:
         def denoise_fn(x_t: torch.Tensor, t: torch.Tensor, with_uncond: bool):
             x_t = hold(x_t)
             if not with_uncond:
-                return net(x_t, t, ref_latents, None, fps=fps, face_mask=face_mask, clean_latent_frames=m,
-                           conditions=cond1)
-            v = net(torch.cat([x_t, x_t]), torch.cat([t, t]), ref2, None, fps=fps, face_mask=face2,
-                    clean_latent_frames=m, ref_keep=keep2, audio_keep=keep2, conditions=cond2)
-            return v.chunk(2)
+                out = net(x_t, t, ref_latents, None, fps=fps, face_mask=face_mask, clean_latent_frames=m,
+                          conditions=cond1)
+                return self.flow.as_velocity(out, x_t, t)
+            x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+            out = net(x2, t2, ref2, None, fps=fps, face_mask=face2, clean_latent_frames=m, ref_keep=keep2,
+                      audio_keep=keep2, conditions=cond2)
+            return self.flow.as_velocity(out, x2, t2).chunk(2)
 
         latents = self.flow.euler_sample(denoise_fn, tuple(latent_shape), num_steps=steps, guidance_scale=scale,
                                          generator=generator, device=device, dtype=ref_latents.dtype,

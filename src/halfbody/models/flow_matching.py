@@ -13,6 +13,11 @@ set, the training shift for ``n`` tokens is ``s * sqrt(n / shift_tokens)`` (SD3'
 compose by multiplication), so the paper's value stays the one anchor and a 192-token CPU clip trains at about 3
 instead of 17. Sampling integrates the ODE from ``t = 1`` to ``0`` with Euler
 steps on the same shifted grid, with classifier-free guidance through the shared :func:`apply_cfg`.
+
+With ``prediction_type="sample"`` the network predicts ``x0`` (x-prediction, Li & He 2025, as in
+:mod:`halfbody.models.schedulers`) and :meth:`RectifiedFlow.as_velocity` turns it into ``v = (x_t - x0_hat) / t``
+(``t`` clamped at 0.05): a 128-wide token cannot carry the noise of a 1536-value patch-autoencoder token, but it can
+carry the clean image.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from halfbody.models.schedulers import DenoiseFn, apply_cfg
+from halfbody.models.schedulers import PREDICTION_TYPES, X_PREDICTION_MIN_SIGMA, DenoiseFn, apply_cfg
 
 __all__ = ["RectifiedFlow", "shift_timesteps", "token_shift"]
 
@@ -68,10 +73,15 @@ class RectifiedFlow:
         shift_tokens: the token count (latent frames x height x width) ``shift`` was chosen for; when set, training
             timesteps for ``n`` tokens use :func:`token_shift` (MirrorMe §4.1: shift 17 at 121 x 768 x 512 through
             LTX-Video's VAE, 16 x 24 x 16 = 6144 tokens). ``None``: ``shift`` at every size.
+        prediction_type: what the network outputs: ``"v_prediction"`` (the velocity, the paper) or ``"sample"``
+            (x-prediction, turned into the velocity by :meth:`as_velocity`).
     """
 
     def __init__(self, shift: float = 17.0, sample_shift: float | None = None, t_min: float = 0.0,
-                 shift_tokens: int | None = None) -> None:
+                 shift_tokens: int | None = None, prediction_type: str = "v_prediction") -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r} must be one of {PREDICTION_TYPES}")
+        self.prediction_type = prediction_type
         if not shift > 0:
             raise ValueError(f"shift={shift!r} must be > 0")
         if sample_shift is not None and not sample_shift > 0:
@@ -112,6 +122,13 @@ class RectifiedFlow:
     def velocity_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """``u_t = eps - x0`` (independent of ``t`` for the linear path)."""
         return (noise.float() - x0.float()).to(x0.dtype)
+
+    def as_velocity(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output as the velocity: itself, or for x-prediction ``(x_t - x0_hat) / max(t, 0.05)``."""
+        if self.prediction_type == "v_prediction":
+            return model_output
+        v = (x_t.float() - model_output.float()) / _expand(t, x_t).clamp_min(X_PREDICTION_MIN_SIGMA)
+        return v.to(model_output.dtype)
 
     @staticmethod
     def predict_x0(x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

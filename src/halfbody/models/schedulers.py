@@ -13,6 +13,13 @@ Latents are ``(B, F, C, h, w)`` (any trailing shape works), timesteps are intege
     x0  = sqrt(abar_t) x_t - sqrt(1 - abar_t) v            (one-step estimate)
 
 With zero-terminal SNR, ``abar_{T-1} = 0``: the last timestep is pure noise and ``x0 = -v`` there.
+
+The network may instead predict the clean sample (``prediction_type="sample"``, *x-prediction*; Li & He 2025, "Back
+to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720): :meth:`VPredictionDDIM.as_velocity` turns its
+output into the velocity, ``v = (sqrt(abar_t) x_t - x0_hat) / sqrt(1 - abar_t)``, so the loss, classifier-free
+guidance and the sampler stay in velocity space. A network narrower than its latent tokens (the CPU presets: 48
+patch channels into a 32-channel UNet) cannot carry the noise a velocity or epsilon target contains and leaves
+residual noise in every sample; the clean image it can predict (Li & He §3).
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ import copy
 from typing import Callable, Literal, Union
 
 import torch
+
+#: x-prediction's smallest denominator ``sqrt(1 - abar_t)`` (Li & He 2025 clip the noise level at 0.05 likewise)
+X_PREDICTION_MIN_SIGMA = 0.05
+PREDICTION_TYPES = ("v_prediction", "sample")
 
 __all__ = ["VPredictionDDIM", "apply_cfg", "ddim_sample", "DenoiseFn", "alpha_bar_at", "x0_from_velocity",
            "pseudo_velocity"]
@@ -65,19 +76,21 @@ class VPredictionDDIM:
         timestep_spacing: ``"trailing"`` starts sampling at ``T - 1`` (Lin et al. 2024, §3.3).
         steps_offset, clip_sample, set_alpha_to_one: diffusers ``DDIMScheduler`` settings (the release: 1, False,
             diffusers' default True: the last DDIM step lands on ``abar = 1``).
-        prediction_type: the network's target; this class is written for ``"v_prediction"``.
+        prediction_type: what the network outputs: ``"v_prediction"`` (the release) or ``"sample"`` (x-prediction,
+            turned into the velocity by :meth:`as_velocity`).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                  beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear",
                  rescale_betas_zero_snr: bool = True,
                  timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing",
-                 steps_offset: int = 1, prediction_type: Literal["v_prediction"] = "v_prediction",
+                 steps_offset: int = 1, prediction_type: Literal["v_prediction", "sample"] = "v_prediction",
                  clip_sample: bool = False, set_alpha_to_one: bool = True) -> None:
         from diffusers import DDIMScheduler
 
-        if prediction_type != "v_prediction":
-            raise ValueError(f"VPredictionDDIM only supports prediction_type='v_prediction', got {prediction_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r} must be one of {PREDICTION_TYPES}")
+        self.prediction_type = prediction_type
         if beta_schedule not in ("linear", "scaled_linear"):
             raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {beta_schedule!r}")
         self.scheduler = DDIMScheduler(
@@ -116,6 +129,15 @@ class VPredictionDDIM:
         """``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0``, shape of ``x0``."""
         a, s = self._coefs(t, x0)
         return (a * noise.float() - s * x0.float()).to(x0.dtype)
+
+    def as_velocity(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output as the velocity: itself for ``"v_prediction"``; for ``"sample"`` (x-prediction)
+        ``v = (sqrt(abar_t) x_t - x0_hat) / max(sqrt(1 - abar_t), 0.05)``. Shapes of ``x_t``, ``t`` ``(B,)``."""
+        if self.prediction_type == "v_prediction":
+            return model_output
+        a, s = self._coefs(t, x_t)
+        v = (a * x_t.float() - model_output.float()) / s.clamp_min(X_PREDICTION_MIN_SIGMA)
+        return v.to(model_output.dtype)
 
     def predict_x0(self, x_t: torch.Tensor, v_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One-step ``x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_pred`` (used by EchoMimicV2's PhD loss)."""
