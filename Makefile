@@ -24,7 +24,7 @@ test-all:
 train:  ## the default run: tiny EchoMimicV2 on the synthetic world, CPU
 	$(PY) -m halfbody.train
 
-learning-check:  ## ~20 min CPU: does the tiny preset learn audio-driven mouth sync? (benchmarks/RESULTS.md)
+learning-check:  ## 45 min CPU + scoring: does the tiny preset learn audio-driven mouth sync? (benchmarks/RESULTS.md)
 	$(PY) benchmarks/learning_check.py
 
 learning-check-mirrorme:  ## the same check for the tiny MirrorMe DiT
