@@ -101,7 +101,7 @@ CASES = {
                           r"^model\.init_checkpoint='.*missing\.ckpt' does not exist"),
     "resolution_vs_patch": (["data.resolution=66"],
                             r"^data\.resolution=66: the autoencoder \(PatchAutoencoder\) needs height and width "
-                            r"divisible by 4"),
+                            r"divisible by 8"),
     "frames_vs_causal_ae": (["family=mirrorme", "data.num_frames=12"],
                             r"^data\.num_frames=12: the causal autoencoder \(PatchAutoencoder\) needs 1 \+ k\*8 "
                             r"frames \(e\.g\. 9, 17, 25\)"),

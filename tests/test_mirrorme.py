@@ -222,6 +222,7 @@ def test_face_loss_is_the_velocity_error_inside_the_face_mask(batch):
     assert "face" not in logs0 and torch.allclose(loss0, logs["mse"])
     # a prediction that is exact inside the face and wrong outside: L_face = 0, L_MSE > 0
     model.face_loss_weight = 1.0
+    model.flow.prediction_type = "v_prediction"  # the stand-in network below outputs the velocity itself
     target = {}
     velocity_target = model.flow.velocity_target
     model.flow.velocity_target = lambda *a: target.setdefault("v", velocity_target(*a))

@@ -70,9 +70,13 @@ class SampleVideoWriter(L.Callback):
         if self.oracle_metrics:
             # every rank takes part in the same reductions, whatever its own clips allowed it to measure
             totals = trainer.strategy.reduce(torch.stack([sums, counts]).to(pl_module.device), reduce_op="sum").cpu()
-            for j, name in enumerate(ORACLE_METRICS):
-                if totals[1, j] > 0:
-                    pl_module.log(f"val/oracle/{name}", float(totals[0, j] / totals[1, j]), rank_zero_only=True)
+            means = {name: float(totals[0, j] / totals[1, j]) for j, name in enumerate(ORACLE_METRICS)
+                     if totals[1, j] > 0}
+            for name, value in means.items():
+                pl_module.log(f"val/oracle/{name}", value, rank_zero_only=True)
+            if trainer.is_global_zero and means:  # the run's first impression in the console, not only in W&B
+                log.info("step %d oracle metrics of the samples: %s", trainer.global_step,
+                         ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
         self.last_paths = paths
         if paths:
             log.info("wrote %d sample video(s) to %s", len(paths), self.dirpath)
