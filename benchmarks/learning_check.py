@@ -120,7 +120,7 @@ def table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot(series: dict[str, list[dict[str, float]]], out: Path, size: tuple[int, int] = (720, 420)) -> Path:
+def plot(series: dict[str, list[dict[str, float]]], out: Path, size: tuple[int, int] = (820, 420)) -> Path:
     """A PNG of the mouth-sync margin (own audio) against training minutes, one line per (run, CFG scale), with the
     target (0.5) and zero as dashed lines. ``series``: label -> rows of :func:`evaluate`."""
     from PIL import Image, ImageDraw
@@ -128,7 +128,7 @@ def plot(series: dict[str, list[dict[str, float]]], out: Path, size: tuple[int, 
     from halfbody.utils.io import atomic_output
 
     w, h = size
-    left, right, top, bottom = 60, 200, 20, 45
+    left, right, top, bottom = 60, 290, 20, 45
     lines = {}
     for label, rows in series.items():
         for r in rows:
@@ -182,7 +182,8 @@ def save_rows(run_dir: Path, rows: list[dict[str, float]]) -> Path:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--plot"]:
         out, runs = Path(argv[1]), [Path(r) for r in argv[2:]]
-        series = {r.parent.name + "/" + r.name: json.loads((r / "learning_check.json").read_text()) for r in runs}
+        # legend: experiment and the run's start time (run directories are named %Y-%m-%d_%H-%M-%S)
+        series = {f"{r.parent.name} {r.name[11:16]}": json.loads((r / "learning_check.json").read_text()) for r in runs}
         print(f"plot: {plot(series, out)}")
         return 0
     if argv[:1] == ["--evaluate"]:
