@@ -61,7 +61,7 @@ def test_scoring_path_on_a_two_step_checkpoint(tmp_path, data_dir, experiment):
     assert json.loads((run / "learning_check.json").read_text()) == rows
     png = lc.plot({experiment: rows}, run / "learning_check.png")
     with Image.open(png) as img:
-        assert img.format == "PNG" and img.size == (720, 420)
+        assert img.format == "PNG" and img.size == (820, 420)
     # the command-line plot of several runs reads the saved rows
     assert lc.main(["--plot", str(tmp_path / "both.png"), str(run)]) == 0 and (tmp_path / "both.png").is_file()
 
