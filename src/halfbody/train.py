@@ -9,16 +9,15 @@ code 2 and no traceback (``HYDRA_FULL_ERROR=1`` shows it).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from halfbody.utils.checkpoint_io import save_final_last
 from halfbody.utils.errors import exit_on_user_error
 from halfbody.utils.hydra import CONFIG_DIR, instantiate_group, quote_brace_patterns
 from halfbody.utils.startup_checks import check_config
@@ -57,19 +56,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         log.info("best checkpoint: %s", best or "(none)")
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-
-
-def save_final_last(trainer: L.Trainer) -> None:
-    """A run that stops between checkpoint intervals (``trainer.max_time``, or ``max_steps`` off the interval) still
-    ends with ``last.ckpt`` at its final step: ModelCheckpoint saves only every ``every_n_train_steps``. The trainer's
-    checkpoint IO plugin writes it atomically."""
-    cb = trainer.checkpoint_callback
-    if not isinstance(cb, ModelCheckpoint) or not cb.save_last or cb.dirpath is None or trainer.global_step == 0:
-        return
-    if trainer.global_step > cb._last_global_step_saved:  # noqa: SLF001 (Lightning keeps it private)
-        path = os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-        trainer.save_checkpoint(path)
-        log.info("saved %s at the final step %d", path, trainer.global_step)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

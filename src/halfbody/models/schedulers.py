@@ -17,7 +17,7 @@ With zero-terminal SNR, ``abar_{T-1} = 0``: the last timestep is pure noise and 
 The network may instead predict the clean sample (``prediction_type="sample"``, *x-prediction*; Li & He 2025, "Back
 to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720): :meth:`VPredictionDDIM.as_velocity` turns its
 output into the velocity, ``v = (sqrt(abar_t) x_t - x0_hat) / sqrt(1 - abar_t)``, so the loss, classifier-free
-guidance and the sampler stay in velocity space. A network narrower than its latent tokens (the CPU presets: 48
+guidance and the sampler stay in velocity space. A network narrower than its latent tokens (the CPU presets: 192
 patch channels into a 32-channel UNet) cannot carry the noise a velocity or epsilon target contains and leaves
 residual noise in every sample; the clean image it can predict (Li & He §3).
 """

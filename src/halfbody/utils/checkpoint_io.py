@@ -201,3 +201,18 @@ def check_checkpoint_family(ckpt: dict, path: str | os.PathLike, key: str, model
     if found != expected[0]:
         raise UserError(f"{where} is a checkpoint of family {found}, but this run builds family {expected[0]} "
                         f"({model_target}); use family={found} or a {expected[0]} checkpoint")
+
+
+def save_final_last(trainer: Any) -> None:
+    """A run that stops between checkpoint intervals (``trainer.max_time``, or ``max_steps`` off the interval) still
+    ends with ``last.ckpt`` at its final step: ModelCheckpoint saves only every ``every_n_train_steps``. The trainer's
+    checkpoint IO plugin writes it atomically."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = trainer.checkpoint_callback
+    if not isinstance(cb, ModelCheckpoint) or not cb.save_last or cb.dirpath is None or trainer.global_step == 0:
+        return
+    if trainer.global_step > cb._last_global_step_saved:  # noqa: SLF001 (Lightning keeps it private)
+        path = os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+        trainer.save_checkpoint(path)
+        log.info("saved %s at the final step %d", path, trainer.global_step)
