@@ -155,7 +155,8 @@ def plot(series: dict[str, list[dict[str, float]]], out: Path, size: tuple[int, 
         d.text((px(x, ymin)[0] - 8, h - bottom + 5), f"{x:.0f}", fill="black")
     d.text((left + (w - left - right) // 2 - 60, h - 20), "training minutes", fill="black")
     d.text((5, top), "margin", fill="black")
-    palette = [(31, 119, 180), (255, 127, 14), (214, 39, 40), (148, 103, 189), (44, 160, 44), (140, 86, 75)]
+    palette = [(31, 119, 180), (255, 127, 14), (214, 39, 40), (148, 103, 189), (44, 160, 44), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     for n, (name, pts) in enumerate(sorted(lines.items())):
         pts = sorted(pts)
         colour = palette[n % len(palette)]
