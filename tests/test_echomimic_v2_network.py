@@ -62,6 +62,15 @@ def test_tiny_forward_backward_shapes_and_gradients():
         assert any(g.abs().sum() > 0 for g in grads), f"no gradient reaches group {name}"
 
 
+def test_tiny_unet_width_is_configurable():
+    """``model.network.block_out_channels`` widens both UNets and the pose encoder's output; the output keeps its shape."""
+    net = make_net(block_out_channels=(16, 32))
+    assert tuple(net.denoising_unet.unet.config.block_out_channels) == (16, 32)
+    assert tuple(net.reference_net.unet.config.block_out_channels) == (16, 32)
+    assert net.denoising_unet.unet.conv_in.out_channels == 16
+    assert run(net, **make_inputs(b=1, f=2)).shape == (1, 2, C, 16, 16)
+
+
 def test_fresh_temporal_modules_are_identity():
     net = make_net()
     image_net = make_net(temporal=False)

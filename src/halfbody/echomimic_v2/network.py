@@ -73,15 +73,16 @@ def unet_weights_present(directory: str | os.PathLike) -> bool:
     return (d / "config.json").exists() and any((d / w).exists() for w in UNET_WEIGHTS)
 
 
-def tiny_unet_config(latent_channels: int = 48, cross_attention_dim: int = 64) -> dict[str, Any]:
-    """A small SD1.5-shaped UNet config: 2 resolutions (32, 64 channels), 1 layer per block, head dim 8."""
+def tiny_unet_config(latent_channels: int = 48, cross_attention_dim: int = 64,
+                     block_out_channels: tuple[int, int] = (32, 64)) -> dict[str, Any]:
+    """A small SD1.5-shaped UNet config: 2 resolutions (32, 64 channels by default), 1 layer per block, 4 and 8 heads."""
     return dict(
         sample_size=16,
         in_channels=latent_channels,
         out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
         norm_num_groups=8,
         attention_head_dim=(4, 8),  # diffusers' legacy name: the number of heads -> 8 channels per head
@@ -194,7 +195,7 @@ class EchoMimicV2Network(nn.Module):
 
     @classmethod
     def tiny(cls, latent_channels: int = 48, latent_factor: int = 4, audio_dim: int = 384, audio_tokens: int = 10,
-             **kwargs: Any) -> "EchoMimicV2Network":
+             block_out_channels: tuple[int, int] = (32, 64), **kwargs: Any) -> "EchoMimicV2Network":
         """Random-weight CPU preset (for the patch autoencoder: 48 channels, factor 4 -> 16x16 latents at 64x64)."""
         stages = int(round(math.log2(latent_factor)))
         kwargs.setdefault("pose_block_out_channels", [min(8 * 2 ** i, 64) for i in range(stages + 1)])
@@ -202,7 +203,7 @@ class EchoMimicV2Network(nn.Module):
         kwargs.setdefault("temporal_norm_num_groups", 8)
         if kwargs.get("audio_attention") == "projection":
             kwargs.setdefault("audio_hidden_dim", 64)
-        return cls(tiny_unet_config(latent_channels), audio_dim, audio_tokens, latent_factor=latent_factor, **kwargs)
+        return cls(tiny_unet_config(latent_channels, block_out_channels=block_out_channels), audio_dim, audio_tokens, latent_factor=latent_factor, **kwargs)
 
     @classmethod
     def from_pretrained_parts(cls, unet_dir: str | os.PathLike | None, *, audio_dim: int, audio_tokens: int,
