@@ -203,7 +203,8 @@ class EchoMimicV2Network(nn.Module):
         kwargs.setdefault("temporal_norm_num_groups", 8)
         if kwargs.get("audio_attention") == "projection":
             kwargs.setdefault("audio_hidden_dim", 64)
-        return cls(tiny_unet_config(latent_channels, block_out_channels=block_out_channels), audio_dim, audio_tokens, latent_factor=latent_factor, **kwargs)
+        return cls(tiny_unet_config(latent_channels, block_out_channels=block_out_channels), audio_dim, audio_tokens,
+                   latent_factor=latent_factor, **kwargs)
 
     @classmethod
     def from_pretrained_parts(cls, unet_dir: str | os.PathLike | None, *, audio_dim: int, audio_tokens: int,
