@@ -12,8 +12,11 @@ $(PY):
 install: $(PY)  ## create .venv and install halfbody (editable) with its test tools
 	$(PY) -m pip install -e ".[dev]"
 
+# pytest-xdist processes for `make test`: one per core (most tests are single-threaded; each worker uses one thread)
+TEST_WORKERS ?= 2
+
 test:  ## the fast suite (CI runs exactly this; at most 5 minutes on 2 cores)
-	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -q
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow:  ## the longer checks only
 	WANDB_MODE=disabled $(PY) -m pytest -m slow -q

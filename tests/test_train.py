@@ -29,7 +29,10 @@ FAST = [
 
 
 def _world_overrides(world: Path) -> list[str]:
-    return [f"paths.data_dir={world}"]
+    """A small synthetic world (the default one takes about 15 s to generate), generated on first use."""
+    return [f"paths.data_dir={world}", "data.prepare.train_clips=8", "data.prepare.val_clips=2",
+            "data.prepare.num_identities=4", "data.prepare.resolution=64", "data.prepare.num_frames=20",
+            "data.prepare.workers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +81,28 @@ def _run(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProces
     return proc
 
 
-def test_cfg_job_prints_resolved_config(tmp_path):
-    proc = _run(["--cfg", "job", "--resolve"], tmp_path, 120)
-    assert "EchoMimicV2Module" in proc.stdout and "${" not in proc.stdout
+def test_cfg_job_prints_resolved_config(tmp_path, monkeypatch, capsys):
+    """Hydra's ``--cfg job --resolve`` through the real ``@hydra.main`` entry, in this process."""
+    from halfbody.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["halfbody.train", "--cfg", "job", "--resolve"])
+    main()
+    out = capsys.readouterr().out
+    assert "EchoMimicV2Module" in out and "${" not in out
+    assert not (tmp_path / "logs").exists()  # printing the config runs nothing
 
 
-def test_two_job_multirun(tmp_path, world):
+def test_two_job_multirun(tmp_path, world, monkeypatch):
+    """A Hydra multirun (``-m``, the basic launcher) through the real ``@hydra.main`` entry, in this process."""
+    from halfbody.train import main
+
     sweep = tmp_path / "sweep"
-    _run(["-m", *FAST, *_world_overrides(world), "callbacks.sample_videos.oracle_metrics=false",
-          "model.optimizer.lr=1e-4,3e-4", f"hydra.sweep.dir={sweep}"], tmp_path, 300)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["halfbody.train", "-m", *FAST, *_world_overrides(world),
+                                      "callbacks.sample_videos.oracle_metrics=false", "model.optimizer.lr=1e-4,3e-4",
+                                      f"hydra.sweep.dir={sweep}"])
+    main()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
     lrs = []
