@@ -353,3 +353,36 @@ def test_face_framing_crops_every_clip_to_its_head(tmp_path):
             assert batch["video"].shape[-2:] == (64, 48)
             assert torch.all((centre - 0.5).abs() < 0.15)  # the face sits in the middle of the close-up
     assert widths["face"] > 1.3 * widths["full"]  # the face at a higher pixel resolution
+
+
+def _decode_in_child(data: bytes, queue) -> None:
+    from halfbody.data.dataset import decode_frames
+
+    queue.put({i: f.shape for i, f in decode_frames(data, range(0, 10, 3)).items()})
+
+
+def test_decoding_in_a_forked_worker_after_the_parent_converted_frames(tmp_path):
+    """DataLoader workers are forked. PyAV (>= 18.1.1) shares one threaded colour converter per thread, which a forked
+    child inherits without its threads: ``frame.to_ndarray(format="rgb24")`` there waits forever once the parent has
+    converted a frame. ``decode_frames`` must finish in the child all the same."""
+    import io
+    import multiprocessing as mp
+
+    import av
+
+    from halfbody.data import media
+
+    frames = np.random.default_rng(0).integers(0, 255, (10, 64, 64, 3), dtype=np.uint8)
+    data = media.write_video(tmp_path / "clip.mp4", frames, 25.0).read_bytes()
+    with av.open(io.BytesIO(data)) as container:  # the parent converts a frame the library's default way
+        next(container.decode(video=0)).to_ndarray(format="rgb24")
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(data, queue))
+    child.start()
+    child.join(30)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "decode_frames hung in a forked process"
+    assert queue.get(timeout=10) == {0: (64, 64, 3), 3: (64, 64, 3), 6: (64, 64, 3), 9: (64, 64, 3)}

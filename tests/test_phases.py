@@ -151,9 +151,10 @@ def test_apply_phase_sets_groups_region_mutes_audio_and_schedules(model):
     assert model.condition_dropout["pose"] == 0.0
     assert model.set_phase_step(spec, 2) == {"pose_dropout": pytest.approx(0.2)}
     assert model.condition_dropout["pose"] == pytest.approx(0.2)
-    torch.manual_seed(1)
-    keep = model.condition_keep_masks(4000)["pose_keep"]
-    assert 0.15 < 1 - keep.float().mean().item() < 0.25  # per-sample draws at the scheduled probability
+    keep = model.condition_keep_masks(4000, generator=torch.Generator().manual_seed(1))["pose_keep"]
+    # per-sample draws at the scheduled probability, or with the others in the unconditional branch (uncond)
+    expected = 0.2 + model.condition_dropout.get("uncond", 0.0) * (1 - 0.2)
+    assert 1 - keep.float().mean().item() == pytest.approx(expected, abs=0.03)  # 4.4 standard deviations
     # muted audio: the output does not depend on the audio
     assert torch.equal(_out(model, 1), _out(model, 2))
 

@@ -180,6 +180,7 @@ def decode_frames(data: bytes, indices: Sequence[int]) -> dict[int, np.ndarray]:
     want = set(wanted)
     out: dict[int, np.ndarray] = {}
     n = 0
+    to_rgb = media.RGBConverter()  # fork-safe (a DataLoader worker), unlike frame.to_ndarray(format="rgb24")
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
@@ -188,7 +189,7 @@ def decode_frames(data: bytes, indices: Sequence[int]) -> dict[int, np.ndarray]:
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
                 if n in want:
-                    out[n] = frame.to_ndarray(format="rgb24")
+                    out[n] = to_rgb(frame)
                 n += 1
                 if n > last:
                     break

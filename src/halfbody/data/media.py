@@ -15,6 +15,7 @@ from math import gcd
 from pathlib import Path
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 from scipy.signal import resample_poly
 
@@ -32,6 +33,22 @@ def _as_file(data: bytes | str | os.PathLike):
 
 
 # --------------------------------------------------------------------------------------------- video
+class RGBConverter:
+    """Decoded video frames to uint8 ``(H, W, 3)`` RGB arrays, through a colour converter that belongs to this object.
+
+    ``frame.to_ndarray(format="rgb24")`` shares one swscale context per thread (PyAV >= 18.1.1), with a pool of
+    worker threads. A forked DataLoader worker inherits the parent's context but not its threads, so its first
+    conversion waits for them forever; it happens whenever the parent converted a frame before the fork (a
+    validation sample, the synthetic world). One converter per decode call, scaling on one thread (the frames are
+    small, and each DataLoader worker is a process of its own), is fork-safe."""
+
+    def __init__(self) -> None:
+        self._reformatter = VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
 def read_video(data: bytes | str | os.PathLike) -> tuple[np.ndarray, float]:
     """Decode every frame of a video.
 
@@ -46,7 +63,8 @@ def read_video(data: bytes | str | os.PathLike) -> tuple[np.ndarray, float]:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            to_rgb = RGBConverter()
+            frames = [to_rgb(f) for f in container.decode(stream)]
     except MediaError:
         raise
     except (av.error.FFmpegError, EOFError, OSError, ValueError) as e:  # PyAV raises a zoo of types
