@@ -265,6 +265,8 @@ def test_sharded_save_swaps_the_directory_in_whole(tmp_path, monkeypatch, exchan
      r"^parallelize.global_batch_size=3: not divisible by trainer.devices x trainer.num_nodes = 2 process"),
     (["trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2", "parallelize.global_batch_size=16",
       "data.batch_size=4"], r"^data.batch_size=4: .* is 2 per process; set data.batch_size=2"),
+    (["trainer=fsdp", "+callbacks.ema._target_=halfbody.callbacks.ema.EMAWeights"],
+     r"^callbacks.ema=halfbody.callbacks.ema.EMAWeights: the EMA of the weights does not support trainer=fsdp"),
     (["parallelize.compile=true", "parallelize.compile_backend=warp_drive"],
      r"^parallelize.compile_backend='warp_drive': not a torch.compile backend"),
 ])

@@ -12,7 +12,7 @@ other model family); and the clip geometry the autoencoder can take (``data.reso
 factor, ``data.num_frames`` and every curriculum phase's ``num_frames`` of the form ``1 + k * temporal factor``),
 asked of the autoencoder config itself; ``parallelize.*`` against the trainer (under a sharded strategy such as
 ``trainer=fsdp``: ``trainer.precision`` 32-true or bf16-mixed and fp32 / bf16 FSDP dtypes; a known
-``compile_backend`` and a C++ compiler for inductor on the CPU; ``global_batch_size`` divisible by the process
+``compile_backend`` and a C++ compiler for inductor on the CPU; no EMA callback; ``global_batch_size`` divisible by the process
 count, with ``data.batch_size`` the quotient); a sharded checkpoint directory as ``ckpt_path`` only under a sharded
 strategy.
 """
@@ -262,6 +262,12 @@ def check_parallelism(cfg: DictConfig) -> None:
         return
     fsdp = par.get("fsdp") or {}
     if sharded_strategy(cfg):
+        for name in cfg.get("callbacks") or {}:
+            target = str(OmegaConf.select(cfg, f"callbacks.{name}._target_", default=""))
+            if target.endswith("EMAWeights"):
+                raise UserError(f"callbacks.{name}={target}: the EMA of the weights does not support "
+                                "trainer=fsdp yet (its copy of the training weights is not saved sharded, so a resumed "
+                                f"run would lose it); remove it with ~callbacks.{name}")
         precision = str(_get(cfg, "trainer.precision", "32-true"))
         if precision not in ("32-true", "32", "bf16-mixed"):
             raise UserError(f"trainer.precision={precision}: under trainer=fsdp the mixed precision is the FSDP2 policy "
