@@ -11,8 +11,8 @@ nothing, a folder without shards, files that are not tar archives); the checkpoi
 other model family); and the clip geometry the autoencoder can take (``data.resolution`` divisible by its spatial
 factor, ``data.num_frames`` and every curriculum phase's ``num_frames`` of the form ``1 + k * temporal factor``),
 asked of the autoencoder config itself; ``parallelize.*`` against the trainer (under a sharded strategy such as
-``trainer=fsdp``: ``trainer.precision`` 32-true or bf16-mixed and fp32 / bf16 FSDP dtypes; a known
-``compile_backend`` and a C++ compiler for inductor on the CPU; no EMA callback; ``global_batch_size`` divisible by the process
+``trainer=fsdp``: ``trainer.precision`` 32-true or bf16-mixed and fp32 / bf16 FSDP dtypes, and no EMA callback; a
+known ``compile_backend`` and a C++ compiler for inductor on the CPU; ``global_batch_size`` divisible by the process
 count, with ``data.batch_size`` the quotient); a sharded checkpoint directory as ``ckpt_path`` only under a sharded
 strategy.
 """
