@@ -22,8 +22,8 @@ from halfbody.data.datamodule import HalfBodyDataModule, expand_shards
 from halfbody.data.dataset import ClipConfig, SampleBuilder, TrainShardDataset, ValShardDataset, collate_samples
 
 F = 8
-SAMPLE_KEYS = {"video", "ref", "audio", "pose", "mask_lips", "mask_head", "mask_face", "valid", "kpts", "fps",
-               "key", "identity", "kind", "bad_samples", "repairs", "audio_context", "audio_context_offset",
+SAMPLE_KEYS = {"video", "ref", "audio", "pose", "mask_lips", "mask_head", "mask_face", "valid", "pad_value", "kpts",
+               "fps", "key", "identity", "kind", "bad_samples", "repairs", "audio_context", "audio_context_offset",
                "audio_context_length"}
 
 
@@ -65,7 +65,7 @@ def test_sample_contract_and_epoch_length(clips):
     S = round(F / 25 * 16000)
     shapes = {"video": (2, F, 3, 32, 40), "ref": (2, 3, 32, 40), "audio": (2, S), "pose": (2, F, 3, 32, 40),
               "mask_lips": (2, F, 1, 32, 40), "mask_head": (2, F, 1, 32, 40), "mask_face": (2, F, 1, 32, 40),
-              "valid": (2, F, 1, 32, 40), "kpts": (2, F, 133, 3), "fps": (2,)}
+              "valid": (2, F, 1, 32, 40), "kpts": (2, F, 133, 3), "fps": (2,), "pad_value": (2,)}
     for k, shape in shapes.items():
         assert tuple(b[k].shape) == shape, k
         assert b[k].dtype == torch.float32, k
@@ -74,7 +74,7 @@ def test_sample_contract_and_epoch_length(clips):
     for k in ("mask_lips", "mask_head", "mask_face", "valid"):
         assert set(b[k].unique().tolist()) <= {0.0, 1.0}, k
     assert b["mask_lips"].sum() > 0 and (b["mask_lips"] <= b["mask_face"]).all() and (b["mask_face"] <= b["mask_head"]).all()
-    assert (b["valid"] == 1).all() and torch.all(b["fps"] == 25.0)
+    assert (b["valid"] == 1).all() and torch.all(b["fps"] == 25.0) and torch.all(b["pad_value"] == -1.0)
     assert all(k.startswith("clip") for k in b["key"]) and b["kind"] == ["halfbody"] * 2
     assert [f"person{int(k[4:]) % 3}" for k in b["key"]] == b["identity"]
     assert b["bad_samples"] == []
@@ -190,6 +190,7 @@ def test_headshot_padding_hpa(tmp_path):
     assert (xs.min().item(), xs.max().item() + 1, ys.min().item(), ys.max().item() + 1) == (5, 27, 0, 14)
     video = s["video"][0]
     assert torch.all(video[:, valid == 0] == -1.0) and torch.all(video[:, valid == 1] > 0.4)
+    assert s["pad_value"].item() == -1.0  # what generate(batch) paints there
     corners = np.concatenate([s["kpts"][0, 23, :2].numpy(), s["kpts"][0, 24, :2].numpy()]) * 32
     np.testing.assert_allclose(corners, target, atol=1.0)
     assert torch.all(s["mask_head"] <= s["valid"]) and s["mask_head"].sum() > 0

@@ -238,6 +238,22 @@ def test_long_generation_runs_in_release_windows_without_a_video(tiny_model):
     assert shapes == [(2, 12, ae.latent_channels, 32 // ae.spatial_factor, 32 // ae.spatial_factor)] * 3
 
 
+def test_generate_paints_the_batchs_padding(tiny_model):
+    """Padding (``valid`` 0) is outside the loss; ``generate(batch)`` sets it to ``pad_value`` and keeps the rest. A
+    longer clip than the batch's ``valid`` takes its first frame's padding."""
+    c = _conditions(5, 4)
+    run = lambda b, n=4: tiny_model.generate(b, num_inference_steps=1, num_frames=n,  # noqa: E731
+                                             generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(1, 4, 1, 32, 32)
+    valid[..., 24:, :] = 0  # a letterbox at the bottom
+    plain = run(c)
+    out = run({**c, "valid": valid, "pad_value": torch.tensor([-1.0])})
+    assert (plain[..., 24:, :] + 1).abs().max() > 0.1
+    assert torch.all(out[..., 24:, :] == -1.0) and torch.equal(out[..., :24, :], plain[..., :24, :])
+    longer = run({**c, "pose": c["pose"].repeat(1, 2, 1, 1, 1), "valid": valid, "pad_value": torch.tensor([-1.0])}, 8)
+    assert longer.shape[1] == 8 and torch.all(longer[..., 24:, :] == -1.0)
+
+
 def test_unconditional_branch_drops_reference_audio_and_pose(tiny_model):
     a, b = _conditions(1, 5), _conditions(2, 5)
     c, h = tiny_model.autoencoder.latent_channels, 32 // tiny_model.autoencoder.spatial_factor

@@ -320,3 +320,16 @@ def test_training_windows_hear_the_same_past_audio_as_a_later_clip(batch):
         total = round(ctx.shape[1] / 16000 * fps)
         whole = model.pipeline.whole_audio_features(ctx, fps, total, past=7)  # row 7 + j: frame j
         assert torch.allclose(feats[i:i + 1], whole[:, first:first + 7 + f], atol=1e-5), i
+
+
+def test_generate_paints_the_batchs_padding(batch):
+    """The loss never sees padding (``valid`` 0), so the network draws anything there; ``generate(batch)`` returns the
+    batch's frame geometry: padding set to ``pad_value``, every valid pixel as sampled."""
+    model = _model().eval()
+    run = lambda b: model.generate(b, num_inference_steps=1, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    valid = batch["valid"].clone()
+    valid[..., :, :24] = 0  # a letterbox on the left
+    plain = run({k: v for k, v in batch.items() if k != "pad_value"})
+    out = run({**batch, "valid": valid, "pad_value": torch.full((2,), 0.25)})
+    assert (plain[..., :24] - 0.25).abs().max() > 0.1  # what the network drew there
+    assert torch.all(out[..., :24] == 0.25) and torch.equal(out[..., 24:], plain[..., 24:])

@@ -438,6 +438,7 @@ class SampleBuilder:
             "pose": pose,
             **masks,
             "valid": valid[None].expand(c.num_frames, 1, h, w).contiguous(),
+            "pad_value": torch.tensor(c.pad_value / 127.5 - 1.0, dtype=torch.float32),
             "kpts": torch.from_numpy(k_norm),
             "fps": torch.tensor(float(c.fps), dtype=torch.float32),
             "key": key,

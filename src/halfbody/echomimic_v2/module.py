@@ -225,7 +225,7 @@ class EchoMimicV2Module(AnimationModule):
                 in ``[-1, 1]``; ``pose`` ``(B, >= F, C, H, W)`` (unless the pose encoder is muted); the audio as
                 ``audio_feats`` ``(B, >= F, K, D)``, or a 16 kHz waveform ``audio`` ``(B, S)`` (or ``audio_context`` with
                 ``audio_context_offset`` / ``_length``) with ``fps``; ``mask_<region>`` when the audio region is a
-                partial one.
+                partial one; with ``valid`` and ``pad_value``, padding is painted (:meth:`paint_padding`).
             num_frames: frames to generate, any number (default: the pose sequence's length).
             latents: optional initial noise ``(B, F, C, h, w)``.
 
@@ -251,7 +251,7 @@ class EchoMimicV2Module(AnimationModule):
         latents = self.pipeline.sample_latents(
             ref_latents, feats, pose, num_frames, num_inference_steps=steps, guidance_scale=scale,
             audio_mask=audio_mask, audio_mode=audio_mode, generator=generator, latents=latents)
-        return self.autoencoder.decode(latents).clamp(-1, 1)
+        return self.paint_padding(self.autoencoder.decode(latents).clamp(-1, 1), batch)
 
     @torch.no_grad()
     def generate_video(self, conditions: dict[str, Any], num_frames: int, **kwargs: Any) -> torch.Tensor:

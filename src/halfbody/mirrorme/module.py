@@ -221,11 +221,13 @@ class MirrorMeModule(AnimationModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
-        """One clip per batch element, the length of ``batch["video"]``: ``(B, F, 3, H, W)`` in ``[-1, 1]``."""
+        """One clip per batch element, the length of ``batch["video"]``: ``(B, F, 3, H, W)`` in ``[-1, 1]``, the
+        batch's padding painted (:meth:`paint_padding`)."""
         feats, face = self.audio_inputs(batch, training_mask=False)
-        return self.pipeline(batch["ref"], feats, self.pose_input(batch), batch["video"].shape[1],
-                             fps=self.batch_fps(batch), face_mask=face, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, generator=generator)
+        video = self.pipeline(batch["ref"], feats, self.pose_input(batch), batch["video"].shape[1],
+                              fps=self.batch_fps(batch), face_mask=face, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, generator=generator)
+        return self.paint_padding(video, batch)
 
     @torch.no_grad()
     def generate_long(self, ref: torch.Tensor, audio: torch.Tensor, fps: float, num_frames: int, *,

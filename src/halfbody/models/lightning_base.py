@@ -259,6 +259,25 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
         value = batch.get(key)
         return None if value is None else value.tolist() if torch.is_tensor(value) else list(value)
 
+    @staticmethod
+    def paint_padding(video: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """``video`` ``(B, F, 3, H, W)`` with the batch's padding (``valid`` 0: HPA, letterbox) set to ``pad_value``.
+
+        The loss leaves padding out (``valid``), so what a network draws there is arbitrary; a clip generated for a
+        batch has that batch's frame geometry, padding included. A batch without ``valid`` or ``pad_value`` leaves
+        ``video`` as it is; a video longer or shorter than the batch's frames takes the first frame's padding.
+        """
+        valid, fill = batch.get("valid"), batch.get("pad_value")
+        if valid is None or fill is None:
+            return video
+        if valid.shape[0] != video.shape[0] or valid.shape[-2:] != video.shape[-2:]:
+            raise ValueError(f"batch['valid'] {tuple(valid.shape)} does not match the generated video "
+                             f"{tuple(video.shape)} (B, F, 3, H, W)")
+        if valid.shape[1] != video.shape[1]:
+            valid = valid[:, :1]
+        fill = torch.as_tensor(fill, dtype=video.dtype, device=video.device).reshape(-1, 1, 1, 1, 1)
+        return torch.where(valid.to(video.device) > 0.5, video, fill)
+
     @torch.no_grad()
     def audio_features(self, batch: dict[str, Any], num_frames: int | None = None) -> torch.Tensor:
         """``(B, F, K, D)`` per-frame audio features: the batch's precomputed ones, else the frozen audio encoder run on
