@@ -247,17 +247,12 @@ class CompactAutoencoder(Autoencoder):
 
 
 # ---------------------------------------------------------------------------------------------- fitting
-def load_shard_frames(shards: str | Sequence[str] | None, resolution: int, max_frames: int = 4096,
-                      key: str = "model.autoencoder.fit_shards") -> torch.Tensor:
-    """Frames of the shards' clips as ``(N, 3, R, R)`` float in ``[-1, 1]``: each ``*.mp4`` member decoded, centre-
-    cropped to a square, resized (antialiased bilinear, as the datamodule resizes) and subsampled evenly in time so
-    that at most ``max_frames`` frames are kept over all clips. Clips that do not decode are skipped."""
+def _shard_videos(shards: str | Sequence[str] | None, key: str) -> list[bytes]:
+    """The ``*.mp4`` members of the shards, in shard and member order."""
     from halfbody.data.datamodule import expand_shards
-    from halfbody.data.media import MediaError, read_video
 
-    paths = expand_shards(shards, key)
     videos: list[bytes] = []
-    for p in paths:
+    for p in expand_shards(shards, key):
         with tarfile.open(p) as tar:
             for m in tar:
                 if m.isfile() and m.name.endswith(".mp4"):
@@ -265,7 +260,29 @@ def load_shard_frames(shards: str | Sequence[str] | None, resolution: int, max_f
                     if fh is not None:
                         videos.append(fh.read())
     if not videos:
-        raise UserError(f"{key}={shards!r}: the shards hold no .mp4 clips to fit the compact autoencoder on")
+        raise UserError(f"{key}={shards!r}: the shards hold no .mp4 clips to fit the autoencoder on")
+    return videos
+
+
+def _square(frames: np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> ``(N, 3, R, R)`` in ``[-1, 1]``: centre-cropped to a square, resized (antialiased
+    bilinear, as the datamodule resizes)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    x = x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    x = Fn.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return (x / 127.5 - 1.0).clamp(-1.0, 1.0)
+
+
+def load_shard_frames(shards: str | Sequence[str] | None, resolution: int, max_frames: int = 4096,
+                      key: str = "model.autoencoder.fit_shards") -> torch.Tensor:
+    """Frames of the shards' clips as ``(N, 3, R, R)`` float in ``[-1, 1]``: each ``*.mp4`` member decoded, centre-
+    cropped to a square, resized (antialiased bilinear, as the datamodule resizes) and subsampled evenly in time so
+    that at most ``max_frames`` frames are kept over all clips. Clips that do not decode are skipped."""
+    from halfbody.data.media import MediaError, read_video
+
+    videos = _shard_videos(shards, key)
     per_clip = max(1, max_frames // len(videos))
     out = []
     for data in videos:
@@ -274,15 +291,35 @@ def load_shard_frames(shards: str | Sequence[str] | None, resolution: int, max_f
         except MediaError:
             continue
         idx = np.unique(np.linspace(0, len(frames) - 1, min(per_clip, len(frames))).round().astype(int))
-        x = torch.from_numpy(frames[idx]).permute(0, 3, 1, 2).float()
-        h, w = x.shape[-2:]
-        side = min(h, w)
-        x = x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-        x = Fn.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-        out.append(x / 127.5 - 1.0)
+        out.append(_square(frames[idx], resolution))
     if not out:
         raise UserError(f"{key}={shards!r}: none of the shards' clips could be decoded")
-    return torch.cat(out)[:max_frames].clamp(-1.0, 1.0)
+    return torch.cat(out)[:max_frames]
+
+
+def load_shard_clips(shards: str | Sequence[str] | None, resolution: int, num_frames: int, max_clips: int = 4096,
+                     key: str = "model.autoencoder.fit_shards") -> torch.Tensor:
+    """Windows of ``num_frames`` consecutive frames of the shards' clips, ``(N, num_frames, 3, R, R)`` in ``[-1, 1]``
+    (square and resized as :func:`load_shard_frames`): at most ``max_clips`` in all, the same number from each clip,
+    starting at evenly spaced frames. Clips shorter than a window or that do not decode are skipped."""
+    from halfbody.data.media import MediaError, read_video
+
+    videos = _shard_videos(shards, key)
+    per_clip = max(1, -(-max_clips // len(videos)))
+    out = []
+    for data in videos:
+        try:
+            frames, _ = read_video(data)
+        except MediaError:
+            continue
+        if len(frames) < num_frames:
+            continue
+        starts = np.unique(np.linspace(0, len(frames) - num_frames, per_clip).round().astype(int))
+        x = _square(frames[(starts[:, None] + np.arange(num_frames)).reshape(-1)], resolution)
+        out.append(x.reshape(len(starts), num_frames, *x.shape[1:]))
+    if not out:
+        raise UserError(f"{key}={shards!r}: no clip of the shards decodes to {num_frames} frames or more")
+    return torch.cat(out)[:max_clips]
 
 
 def _gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
