@@ -8,8 +8,8 @@ most as many directions as they are wide; on the synthetic world both learned th
 small moving details (the mouth, the gloves) slowly or not at all (benchmarks/RESULTS.md).
 
 The tokens of the world are nearly low-rank: the first 128 principal directions of the 1536-value MirrorMe tokens
-hold 99.8 % of their variance, and ground truth projected onto them keeps the oracle's mouth-sync margin at 1.14
-(1.26 lossless). This autoencoder keeps exactly those directions: ``z = B (x - m)`` per token, ``x = B^T z + m``, with
+hold 99.5 % of their variance, and ground truth projected onto them keeps the oracle's mouth-sync margin at 1.16
+(1.26 lossless; benchmarks/RESULTS.md, "PCA latents"). This autoencoder keeps exactly those directions: ``z = B (x - m)`` per token, ``x = B^T z + m``, with
 ``B`` the ``(k, C)`` orthonormal top-``k`` principal directions and ``m`` the mean token. It is the linear optimum of
 the learned compact latent space the papers use (EchoMimicV2 §3.1 SD's VAE, MirrorMe §3.1 LTX-Video's VAE), with no
 fit to go wrong: an orthonormal map leaves the isotropic diffusion noise isotropic, so the noise schedule means the
