@@ -108,7 +108,7 @@ def test_errors_name_the_config_key(shards, fitted, tmp_path):
     with pytest.raises(UserError, match=r"^model\.autoencoder\.path='.*missing.safetensors': no compact autoencoder"):
         CompactAutoencoder(tmp_path / "missing.safetensors")
     path = fitted[1]
-    with pytest.raises(UserError, match=r"^model\.autoencoder\.path=.*holds a compact autoencoder with .*'width': 16"):
+    with pytest.raises(UserError, match=r"^model\.autoencoder\.path=.*holds compact autoencoder weights for .*'width': 16"):
         CompactAutoencoder(path, spatial_factor=4, latent_channels=4, width=32)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")

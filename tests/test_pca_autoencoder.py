@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from halfbody.models.autoencoders import PatchAutoencoder
-from halfbody.models.compact_autoencoder import load_shard_clips
+from halfbody.models.fitted_autoencoder import load_shard_clips
 from halfbody.models.pca_autoencoder import PCAPatchAutoencoder, principal_directions
 from halfbody.utils.errors import UserError
 from shard_utils import make_sample, write_shard
@@ -122,6 +122,6 @@ def test_errors_name_the_config_key(shards, tmp_path):
     short = tmp_path / "short"
     short.mkdir()
     write_shard(short / "s.tar", [make_sample("c", num_frames=6, height=16, width=16, frames=_blocks(6, 0))])
-    with pytest.raises(UserError, match=r"^model\.autoencoder\.fit_shards=.*no clip .* decodes to 9 frames"):
+    with pytest.raises(UserError, match=r"^model\.autoencoder\.fit_shards=.*no clip .* decodes to 9 frame\(s\)"):
         PCAPatchAutoencoder(None, patch_size=4, temporal_patch=4, components=8, fit_shards=str(short),
                             fit_resolution=16).prepare()

@@ -22,20 +22,18 @@ channels). This module is that idea at CPU scale: a small convolutional autoenco
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tarfile
-from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from halfbody.models.autoencoders import Autoencoder, _check_video
+from halfbody.models.autoencoders import _check_video
+from halfbody.models.fitted_autoencoder import FittedAutoencoder, load_shard_frames
 from halfbody.utils.errors import UserError
 
 __all__ = ["CompactAutoencoder", "load_shard_frames", "fit_autoencoder"]
@@ -90,7 +88,7 @@ class _Decoder(nn.Module):
         return self.net(z)
 
 
-class CompactAutoencoder(Autoencoder):
+class CompactAutoencoder(FittedAutoencoder):
     """A small learned image autoencoder (optionally folded over time, causally), fitted on the training shards.
 
     Args:
@@ -110,26 +108,25 @@ class CompactAutoencoder(Autoencoder):
         key: the config key of ``path``, named in errors.
     """
 
+    WHAT = "compact autoencoder weights"
+
     def __init__(self, path: str | os.PathLike | None = None, spatial_factor: int = 8, latent_channels: int = 8,
                  temporal_patch: int = 1, width: int = 32, fit_shards: str | Sequence[str] | None = None,
                  fit_resolution: int = 64, fit_steps: int = 600, fit_batch_size: int = 32, fit_lr: float = 2e-3,
                  fit_seed: int = 0, fit_latent_noise: float = 0.1, fit_max_frames: int = 4096,
                  fit_crop: int | None = 32, fit_detail_weight: float = 4.0,
                  key: str = "model.autoencoder.path") -> None:
-        super().__init__(frozen=True)
+        super().__init__(path, fit_shards, key)
         if spatial_factor < 2 or 2 ** int(round(math.log2(spatial_factor))) != spatial_factor:
-            raise UserError(f"{key.rsplit('.', 1)[0]}.spatial_factor={spatial_factor!r}: must be a power of two >= 2")
+            raise UserError(f"{self.group}.spatial_factor={spatial_factor!r}: must be a power of two >= 2")
         if temporal_patch < 1 or latent_channels < 1:
-            raise UserError(f"{key.rsplit('.', 1)[0]}: temporal_patch and latent_channels must be >= 1, "
+            raise UserError(f"{self.group}: temporal_patch and latent_channels must be >= 1, "
                             f"got {temporal_patch} and {latent_channels}")
-        self.path = None if path is None else Path(path)
-        self.key = key
         self.frame_channels = int(latent_channels)
         self.spatial_factor = int(spatial_factor)
         self.temporal_factor = int(temporal_patch)
         self.latent_channels = self.frame_channels * self.temporal_factor
         self.width = int(width)
-        self.fit_shards = fit_shards
         self.fit_options = dict(resolution=int(fit_resolution), steps=int(fit_steps), batch_size=int(fit_batch_size),
                                 lr=float(fit_lr), seed=int(fit_seed), latent_noise=float(fit_latent_noise),
                                 max_frames=int(fit_max_frames), crop=None if fit_crop is None else int(fit_crop),
@@ -138,13 +135,7 @@ class CompactAutoencoder(Autoencoder):
         self.decoder = _Decoder(self.spatial_factor, self.frame_channels, self.width)
         self.register_buffer("latent_mean", torch.zeros(self.frame_channels))
         self.register_buffer("latent_std", torch.ones(self.frame_channels))
-        self.fitted = False
-        if self.path is not None and self.path.is_file():
-            self.load_weights(self.path)
-        elif fit_shards is None:
-            raise UserError(f"{key}={None if path is None else str(path)!r}: no compact autoencoder weights there "
-                            f"(a safetensors file), and no fit_shards to fit them on")
-        self.freeze()
+        self.load_or_expect_fit()
 
     def extra_repr(self) -> str:
         return (f"spatial_factor={self.spatial_factor}, latent_channels={self.frame_channels}, "
@@ -154,57 +145,15 @@ class CompactAutoencoder(Autoencoder):
     def architecture(self) -> dict[str, int]:
         return {"spatial_factor": self.spatial_factor, "latent_channels": self.frame_channels, "width": self.width}
 
-    def load_weights(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for truncated / foreign files
-            raise UserError(f"{self.key}={str(path)!r}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-        arch = json.loads(meta.get("architecture", "{}"))
-        if arch != self.architecture():
-            raise UserError(f"{self.key}={str(path)!r}: holds a compact autoencoder with {arch or 'no architecture'}, "
-                            f"the config asks for {self.architecture()}")
-        mine = {k: v for k, v in self.state_dict().items()}
-        missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-        if missing or unexpected:
-            raise UserError(f"{self.key}={str(path)!r}: keys do not match (missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]})")
-        self.load_state_dict(state, strict=True)
-        self.fitted = True
-
-    def save_weights(self, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
-        from safetensors.torch import save_file
-
-        from halfbody.utils.io import atomic_output
-
-        meta = {"architecture": json.dumps(self.architecture()), **(extra or {})}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_output(path, durable=True) as tmp:
-            save_file(state, str(tmp), metadata=meta)
-        return Path(path)
-
-    def prepare(self) -> None:
-        """Fit on ``fit_shards`` and cache the weights at ``path`` unless they are loaded already (first use)."""
-        if self.fitted:
-            return
-        if self.path is not None and self.path.is_file():  # another run fitted it meanwhile
-            self.load_weights(self.path)
-            return
-        frames = load_shard_frames(self.fit_shards, self.fit_options["resolution"],
-                                   self.fit_options["max_frames"], key=f"{self.key.rsplit('.', 1)[0]}.fit_shards")
+    def fit_on_shards(self) -> dict[str, Any]:
+        frames = load_shard_frames(self.fit_shards, self.fit_options["resolution"], self.fit_options["max_frames"],
+                                   key=f"{self.group}.fit_shards")
         log.info("fitting the compact autoencoder on %d frames (%d steps) -> %s", len(frames),
                  self.fit_options["steps"], self.path)
         stats = fit_autoencoder(self, frames, **{k: v for k, v in self.fit_options.items()
                                                  if k not in ("resolution", "max_frames")})
-        self.fitted = True
-        self.freeze()
-        if self.path is not None:
-            self.save_weights(self.path, {"fit": json.dumps({**self.fit_options, **stats})})
-            log.info("compact autoencoder: reconstruction L1 %.4f, cached at %s", stats["l1"], self.path)
+        log.info("compact autoencoder: reconstruction L1 %.4f", stats["l1"])
+        return {**self.fit_options, **stats}
 
     # ------------------------------------------------------------------------------------------ per frame
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -247,81 +196,6 @@ class CompactAutoencoder(Autoencoder):
 
 
 # ---------------------------------------------------------------------------------------------- fitting
-def _shard_videos(shards: str | Sequence[str] | None, key: str) -> list[bytes]:
-    """The ``*.mp4`` members of the shards, in shard and member order."""
-    from halfbody.data.datamodule import expand_shards
-
-    videos: list[bytes] = []
-    for p in expand_shards(shards, key):
-        with tarfile.open(p) as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".mp4"):
-                    fh = tar.extractfile(m)
-                    if fh is not None:
-                        videos.append(fh.read())
-    if not videos:
-        raise UserError(f"{key}={shards!r}: the shards hold no .mp4 clips to fit the autoencoder on")
-    return videos
-
-
-def _square(frames: np.ndarray, resolution: int) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> ``(N, 3, R, R)`` in ``[-1, 1]``: centre-cropped to a square, resized (antialiased
-    bilinear, as the datamodule resizes)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    h, w = x.shape[-2:]
-    side = min(h, w)
-    x = x[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    x = Fn.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-    return (x / 127.5 - 1.0).clamp(-1.0, 1.0)
-
-
-def load_shard_frames(shards: str | Sequence[str] | None, resolution: int, max_frames: int = 4096,
-                      key: str = "model.autoencoder.fit_shards") -> torch.Tensor:
-    """Frames of the shards' clips as ``(N, 3, R, R)`` float in ``[-1, 1]``: each ``*.mp4`` member decoded, centre-
-    cropped to a square, resized (antialiased bilinear, as the datamodule resizes) and subsampled evenly in time so
-    that at most ``max_frames`` frames are kept over all clips. Clips that do not decode are skipped."""
-    from halfbody.data.media import MediaError, read_video
-
-    videos = _shard_videos(shards, key)
-    per_clip = max(1, max_frames // len(videos))
-    out = []
-    for data in videos:
-        try:
-            frames, _ = read_video(data)
-        except MediaError:
-            continue
-        idx = np.unique(np.linspace(0, len(frames) - 1, min(per_clip, len(frames))).round().astype(int))
-        out.append(_square(frames[idx], resolution))
-    if not out:
-        raise UserError(f"{key}={shards!r}: none of the shards' clips could be decoded")
-    return torch.cat(out)[:max_frames]
-
-
-def load_shard_clips(shards: str | Sequence[str] | None, resolution: int, num_frames: int, max_clips: int = 4096,
-                     key: str = "model.autoencoder.fit_shards") -> torch.Tensor:
-    """Windows of ``num_frames`` consecutive frames of the shards' clips, ``(N, num_frames, 3, R, R)`` in ``[-1, 1]``
-    (square and resized as :func:`load_shard_frames`): at most ``max_clips`` in all, the same number from each clip,
-    starting at evenly spaced frames. Clips shorter than a window or that do not decode are skipped."""
-    from halfbody.data.media import MediaError, read_video
-
-    videos = _shard_videos(shards, key)
-    per_clip = max(1, -(-max_clips // len(videos)))
-    out = []
-    for data in videos:
-        try:
-            frames, _ = read_video(data)
-        except MediaError:
-            continue
-        if len(frames) < num_frames:
-            continue
-        starts = np.unique(np.linspace(0, len(frames) - num_frames, per_clip).round().astype(int))
-        x = _square(frames[(starts[:, None] + np.arange(num_frames)).reshape(-1)], resolution)
-        out.append(x.reshape(len(starts), num_frames, *x.shape[1:]))
-    if not out:
-        raise UserError(f"{key}={shards!r}: no clip of the shards decodes to {num_frames} frames or more")
-    return torch.cat(out)[:max_clips]
-
-
 def _gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
     """``(N, 3, H, W)`` -> ``(N, 1, H, W)``: the largest absolute neighbour difference over channels and directions,
     divided by its batch maximum."""

@@ -25,16 +25,14 @@ same as in pixel space.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from halfbody.models.autoencoders import Autoencoder, PatchAutoencoder, _check_video
-from halfbody.models.compact_autoencoder import load_shard_clips
+from halfbody.models.autoencoders import PatchAutoencoder, _check_video
+from halfbody.models.fitted_autoencoder import FittedAutoencoder, load_shard_clips
 from halfbody.utils.errors import UserError
 
 __all__ = ["PCAPatchAutoencoder", "principal_directions"]
@@ -59,7 +57,7 @@ def principal_directions(tokens: torch.Tensor, components: int) -> tuple[torch.T
     return mean.float(), (basis * signs).float(), explained.float()
 
 
-class PCAPatchAutoencoder(Autoencoder):
+class PCAPatchAutoencoder(FittedAutoencoder):
     """Patch tokens ``(C = 3 p^2 tf)`` -> their top ``components`` principal coordinates.
 
     Args:
@@ -74,31 +72,23 @@ class PCAPatchAutoencoder(Autoencoder):
         key: the config key of ``path``, named in errors.
     """
 
+    WHAT = "principal directions"
+
     def __init__(self, path: str | os.PathLike | None = None, patch_size: int = 8, temporal_patch: int = 1,
                  components: int = 32, fit_shards: str | Sequence[str] | None = None, fit_resolution: int = 64,
                  fit_max_frames: int = 4096, key: str = "model.autoencoder.path") -> None:
-        super().__init__(frozen=True)
-        group = key.rsplit(".", 1)[0]
+        super().__init__(path, fit_shards, key)
         self.patch = PatchAutoencoder(patch_size, temporal_patch)
         if not 1 <= components <= self.patch.latent_channels:
-            raise UserError(f"{group}.components={components!r}: must be in [1, {self.patch.latent_channels}] "
+            raise UserError(f"{self.group}.components={components!r}: must be in [1, {self.patch.latent_channels}] "
                             f"(3 x {patch_size}^2 x {temporal_patch} values per token)")
-        self.path = None if path is None else Path(path)
-        self.key = key
         self.latent_channels = int(components)
         self.spatial_factor, self.temporal_factor = self.patch.spatial_factor, self.patch.temporal_factor
-        self.fit_shards = fit_shards
         self.fit_options = dict(resolution=int(fit_resolution), max_frames=int(fit_max_frames))
         self.register_buffer("mean", torch.zeros(self.patch.latent_channels))
         self.register_buffer("basis", torch.eye(self.latent_channels, self.patch.latent_channels))
         self.register_buffer("explained", torch.zeros(self.latent_channels))
-        self.fitted = False
-        if self.path is not None and self.path.is_file():
-            self.load_weights(self.path)
-        elif fit_shards is None:
-            raise UserError(f"{key}={None if path is None else str(path)!r}: no principal directions there (a "
-                            "safetensors file), and no fit_shards to fit them on")
-        self.freeze()
+        self.load_or_expect_fit()
 
     def extra_repr(self) -> str:
         return (f"patch_size={self.patch.patch_size}, temporal_patch={self.temporal_factor}, "
@@ -108,36 +98,6 @@ class PCAPatchAutoencoder(Autoencoder):
     def architecture(self) -> dict[str, int]:
         return {"patch_size": self.patch.patch_size, "temporal_patch": self.temporal_factor,
                 "components": self.latent_channels}
-
-    def load_weights(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for truncated / foreign files
-            raise UserError(f"{self.key}={str(path)!r}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-        arch = json.loads(meta.get("architecture", "{}"))
-        if arch != self.architecture():
-            raise UserError(f"{self.key}={str(path)!r}: holds principal directions for {arch or 'no architecture'}, "
-                            f"the config asks for {self.architecture()}")
-        if set(state) != {"mean", "basis", "explained"}:
-            raise UserError(f"{self.key}={str(path)!r}: expected the tensors mean, basis, explained; found "
-                            f"{sorted(state)}")
-        self.load_state_dict(state, strict=True)
-        self.fitted = True
-
-    def save_weights(self, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
-        from safetensors.torch import save_file
-
-        from halfbody.utils.io import atomic_output
-
-        meta = {"architecture": json.dumps(self.architecture()), **(extra or {})}
-        with atomic_output(path, durable=True) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        return Path(path)
 
     def fit(self, clips: torch.Tensor) -> dict[str, float]:
         """Fit on ``clips`` ``(N, 1 + k tf, 3, H, W)`` in ``[-1, 1]``; returns the fit's statistics."""
@@ -151,22 +111,14 @@ class PCAPatchAutoencoder(Autoencoder):
         return {"clips": int(len(clips)), "tokens": int(z.numel() // z.shape[2]),
                 "explained_variance": float(explained.sum())}
 
-    def prepare(self) -> None:
-        """Fit on ``fit_shards`` and cache at ``path`` unless the directions are loaded already (first use)."""
-        if self.fitted:
-            return
-        if self.path is not None and self.path.is_file():  # another run fitted it meanwhile
-            self.load_weights(self.path)
-            return
+    def fit_on_shards(self) -> dict[str, Any]:
         window = 1 + 2 * self.temporal_factor if self.temporal_factor > 1 else 1
         clips = load_shard_clips(self.fit_shards, self.fit_options["resolution"], window,
-                                 max(1, self.fit_options["max_frames"] // window),
-                                 key=f"{self.key.rsplit('.', 1)[0]}.fit_shards")
+                                 max(1, self.fit_options["max_frames"] // window), key=f"{self.group}.fit_shards")
         stats = self.fit(clips)
-        log.info("principal directions of %d patch tokens: %d of %d keep %.4f of the variance -> %s", stats["tokens"],
-                 self.latent_channels, self.patch.latent_channels, stats["explained_variance"], self.path)
-        if self.path is not None:
-            self.save_weights(self.path, {"fit": json.dumps({**self.fit_options, **stats})})
+        log.info("principal directions of %d patch tokens: %d of %d keep %.4f of the variance", stats["tokens"],
+                 self.latent_channels, self.patch.latent_channels, stats["explained_variance"])
+        return {**self.fit_options, **stats}
 
     # ------------------------------------------------------------------------------------------ interface
     def encode(self, video: torch.Tensor) -> torch.Tensor:
