@@ -373,3 +373,42 @@ def test_a_removed_shard_is_reported_and_its_source_can_be_redone(made, tmp_path
     assert (again.processed, again.shards_written) == (1, ["clips-000003.tar"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_clips"] == 3 and m["rejections"]["total"] == 0 and m["identities"] == manifest["identities"]
+
+
+def test_workers_forked_beside_pyav_garbage_do_not_hang(cc_inputs, tmp_path):
+    """PyAV filter graphs (an audio resampler) are reference cycles holding thread pools. A worker forked while one
+    is uncollected garbage in the parent, and collecting it, waited forever on threads it does not have; the pool
+    collects the parent's garbage before each fork."""
+    import gc
+
+    import av
+    import numpy as np
+
+    from data_pipelines.video_to_shards import pipeline
+
+    def garbage():
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
+        frame.sample_rate = 44100
+        resampler.resample(frame)
+        cycle = {"resampler": resampler}
+        cycle["self"] = cycle
+
+    gc.disable()  # keep the garbage until the fork, as a busy parent between collections would
+    try:
+        for _ in range(3):
+            garbage()
+        worker = pipeline._worker_main
+
+        def collecting_worker(*a, **kw):  # the child's first collection finds the inherited graphs
+            gc.enable()
+            gc.collect()
+            return worker(*a, **kw)
+
+        pipeline._worker_main = collecting_worker
+        t0 = time.monotonic()
+        rep = run(cc_inputs, tmp_path / "out", _cfg(), workers=2, progress=False)
+    finally:
+        pipeline._worker_main = worker
+        gc.enable()
+    assert time.monotonic() - t0 < 60 and rep.processed == NUM_CC

@@ -9,6 +9,7 @@ e.g. after adding a missing sidecar), and packs whatever is finished but not yet
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -162,6 +163,10 @@ class _Pool:
         parent, child = self.ctx.Pipe()
         # Workers start with SIGINT ignored and SIGTERM default, so a Ctrl-C during their start-up cannot print a
         # traceback, and terminating them is immediate.
+        # PyAV's filter graphs (an audio resampler) are reference cycles that hold thread pools. A forked worker that
+        # garbage-collects one it inherited waits forever for threads it does not have, so the parent frees its
+        # cyclic garbage first.
+        gc.collect()
         with _sigint_ignored(), _sigterm_default():
             p = self.ctx.Process(target=_worker_main, args=(child, self.cfg, str(self.out)), daemon=True)
             p.start()
