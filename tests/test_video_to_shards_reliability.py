@@ -375,7 +375,7 @@ def test_a_removed_shard_is_reported_and_its_source_can_be_redone(made, tmp_path
     assert m["num_clips"] == 3 and m["rejections"]["total"] == 0 and m["identities"] == manifest["identities"]
 
 
-def test_workers_forked_beside_pyav_garbage_do_not_hang(cc_inputs, tmp_path):
+def test_workers_forked_beside_pyav_garbage_do_not_hang(cc_inputs, tmp_path, monkeypatch):
     """PyAV filter graphs (an audio resampler) are reference cycles holding thread pools. A worker forked while one
     is uncollected garbage in the parent, and collecting it, waited forever on threads it does not have; the pool
     collects the parent's garbage before each fork."""
@@ -394,21 +394,20 @@ def test_workers_forked_beside_pyav_garbage_do_not_hang(cc_inputs, tmp_path):
         cycle = {"resampler": resampler}
         cycle["self"] = cycle
 
+    worker = pipeline._worker_main
+
+    def collecting_worker(*a, **kw):  # the child's first collection finds the inherited graphs
+        gc.enable()
+        gc.collect()
+        return worker(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "_worker_main", collecting_worker)  # workers are forked: they see the patch
     gc.disable()  # keep the garbage until the fork, as a busy parent between collections would
     try:
         for _ in range(3):
             garbage()
-        worker = pipeline._worker_main
-
-        def collecting_worker(*a, **kw):  # the child's first collection finds the inherited graphs
-            gc.enable()
-            gc.collect()
-            return worker(*a, **kw)
-
-        pipeline._worker_main = collecting_worker
         t0 = time.monotonic()
         rep = run(cc_inputs, tmp_path / "out", _cfg(), workers=2, progress=False)
     finally:
-        pipeline._worker_main = worker
         gc.enable()
     assert time.monotonic() - t0 < 60 and rep.processed == NUM_CC

@@ -27,7 +27,6 @@ import math
 import os
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as Fn
 from torch import nn
