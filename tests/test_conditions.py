@@ -115,6 +115,19 @@ def test_region_masks_cover_their_keypoints():
     assert wider.sum() > 1.5 * masks["mask_lips"].sum()
 
 
+def test_hand_mask_is_one_box_per_visible_hand():
+    k = _layout()
+    hands = region_masks(k[None], S, S, margins={"hands": 0.0})["mask_hands"][0, 0].numpy()
+    for idx in (LEFT_HAND, RIGHT_HAND):
+        pts = k[list(idx)]
+        assert hands[pts[:, 1].astype(int), pts[:, 0].astype(int)].min() == 1.0
+    assert hands[200, 198] == 0  # between the hands: two boxes, not one spanning both
+    assert hands.sum() == 2 * 33 * 61  # each hand's keypoints span 32 x 60 pixels (the edge pixels count)
+    k[list(LEFT_HAND), 2] = 0.0  # a hand that is not visible has no box
+    right = region_masks(k[None], S, S, margins={"hands": 0.0})["mask_hands"][0, 0].numpy()
+    assert right.sum() == 33 * 61 and right[200, 160] == 0
+
+
 def test_region_masks_empty_and_head_box_fallback():
     k = _layout()
     k[:, 2] = 0.0

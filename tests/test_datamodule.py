@@ -22,7 +22,7 @@ from halfbody.data.datamodule import HalfBodyDataModule, expand_shards
 from halfbody.data.dataset import ClipConfig, SampleBuilder, TrainShardDataset, ValShardDataset, collate_samples
 
 F = 8
-SAMPLE_KEYS = {"video", "ref", "audio", "pose", "mask_lips", "mask_head", "mask_face", "valid", "pad_value", "kpts",
+SAMPLE_KEYS = {"video", "ref", "audio", "pose", "mask_lips", "mask_head", "mask_face", "mask_hands", "valid", "pad_value", "kpts",
                "fps", "key", "identity", "kind", "bad_samples", "repairs", "audio_context", "audio_context_offset",
                "audio_context_length"}
 
@@ -65,13 +65,13 @@ def test_sample_contract_and_epoch_length(clips):
     S = round(F / 25 * 16000)
     shapes = {"video": (2, F, 3, 32, 40), "ref": (2, 3, 32, 40), "audio": (2, S), "pose": (2, F, 3, 32, 40),
               "mask_lips": (2, F, 1, 32, 40), "mask_head": (2, F, 1, 32, 40), "mask_face": (2, F, 1, 32, 40),
-              "valid": (2, F, 1, 32, 40), "kpts": (2, F, 133, 3), "fps": (2,), "pad_value": (2,)}
+              "mask_hands": (2, F, 1, 32, 40), "valid": (2, F, 1, 32, 40), "kpts": (2, F, 133, 3), "fps": (2,), "pad_value": (2,)}
     for k, shape in shapes.items():
         assert tuple(b[k].shape) == shape, k
         assert b[k].dtype == torch.float32, k
     assert -1 <= b["video"].min() and b["video"].max() <= 1 and -1 <= b["ref"].min() and b["ref"].max() <= 1
     assert 0 <= b["pose"].min() and b["pose"].max() == 1
-    for k in ("mask_lips", "mask_head", "mask_face", "valid"):
+    for k in ("mask_lips", "mask_head", "mask_face", "mask_hands", "valid"):
         assert set(b[k].unique().tolist()) <= {0.0, 1.0}, k
     assert b["mask_lips"].sum() > 0 and (b["mask_lips"] <= b["mask_face"]).all() and (b["mask_face"] <= b["mask_head"]).all()
     assert (b["valid"] == 1).all() and torch.all(b["fps"] == 25.0) and torch.all(b["pad_value"] == -1.0)

@@ -36,7 +36,9 @@ from halfbody.data.keypoints import (
 )
 from halfbody.utils.containers import to_plain
 
-REGIONS = ("lips", "face", "head")
+REGIONS = ("lips", "face", "head", "hands")
+# A region's mask is the union of its parts' boxes (the hands: one box per hand, not one box spanning both).
+REGION_PARTS: dict[str, tuple[str, ...]] = {"hands": ("left_hand", "right_hand")}
 HEADSHOT_MODES = ("pad", "keep", "drop")
 FRAMINGS = ("full", "face")
 KINDS = ("halfbody", "headshot")
@@ -47,6 +49,7 @@ DEFAULT_MASK_MARGINS: dict[str, tuple[float, float, float, float]] = {
     "lips": (0.25, 0.35, 0.25, 0.35),
     "face": (0.1, 0.15, 0.1, 0.1),
     "head": (0.25, 0.6, 0.25, 0.15),
+    "hands": (0.3, 0.3, 0.3, 0.3),
 }
 
 
@@ -73,7 +76,7 @@ class ConditionSpec:
             an explicit list of ``keypoints.KEYPOINT_GROUPS`` names (EchoMimicV2 §3.2.1 Spatial Pose Sampling).
         pose_dropout: probability, per training sample, that the pose map is zeroed (§3.2.1 Iterative Pose
             Sampling; the schedule lives in the phase callback, which sets a new spec).
-        mask_margins: per region (``lips``, ``face``, ``head``): a number, ``[h, v]`` or ``[l, t, r, b]``
+        mask_margins: per region (``lips``, ``face``, ``head``, ``hands``): a number, ``[h, v]`` or ``[l, t, r, b]``
             fractions of the keypoint box size added on each side. Missing regions keep their default.
         headshot: what happens to clips whose json ``kind`` is ``headshot``: ``pad`` (HPA, §3.3: pad into
             half-body geometry, padding marked invalid), ``keep`` (crop like half-body clips) or ``drop``.
@@ -305,7 +308,8 @@ def boxes_to_masks(boxes: np.ndarray, height: int, width: int) -> torch.Tensor:
 def region_masks(kpts: np.ndarray, height: int, width: int, margins: Mapping[str, object] | None = None,
                  score_threshold: float = 0.3, head_box: Sequence[float] | None = None,
                  valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Masks ``{"mask_lips", "mask_face", "mask_head"}``, each ``(F, 1, H, W)`` float in ``{0, 1}``.
+    """Masks ``{"mask_lips", "mask_face", "mask_head", "mask_hands"}``, each ``(F, 1, H, W)`` float in ``{0, 1}``
+    (``mask_hands``: the union of one box per visible hand).
 
     Args:
         kpts: ``(F, 133, 3)`` keypoints in output pixels.
@@ -317,8 +321,9 @@ def region_masks(kpts: np.ndarray, height: int, width: int, margins: Mapping[str
     out = {}
     for region in REGIONS:
         fb = head_box if region == "head" else None
-        boxes = region_boxes(kpts, region, margins[region], score_threshold, fallback_box=fb)
-        m = boxes_to_masks(boxes, height, width)
+        m = torch.stack([boxes_to_masks(region_boxes(kpts, part, margins[region], score_threshold, fallback_box=fb),
+                                        height, width)
+                         for part in REGION_PARTS.get(region, (region,))]).amax(0)
         if valid is not None:
             m = m * valid
         out[f"mask_{region}"] = m

@@ -43,6 +43,8 @@ REGION_KEYPOINTS: dict[str, tuple[int, ...]] = {
     "lips": LIPS,
     "face": FACE,
     "head": BODY_HEAD + FACE,
+    "left_hand": LEFT_HAND,
+    "right_hand": RIGHT_HAND,
 }
 
 

@@ -58,6 +58,8 @@ class EchoMimicV2Module(AnimationModule):
             A phase's ``losses: {phd: <band schedule> | null}`` reconfigures or switches it off.
         init_checkpoint: start the network from this Lightning checkpoint's weights (the previous training stage;
             loaded with ``weights_only=True``), optimizer and step start fresh.
+        hand_loss_weight: ``lambda_hand`` of the hand-region latent loss (not in the paper; 0: off;
+            ``AnimationModule.hand_loss``); a phase's ``losses: {hand: lambda}`` overrides.
     """
 
     def __init__(
@@ -76,9 +78,10 @@ class EchoMimicV2Module(AnimationModule):
         phd_loss: PhDLoss | None = None,
         init_checkpoint: str | None = None,
         sampler: SamplerSettings | dict[str, Any] | None = None,
+        hand_loss_weight: float = 0.0,
     ) -> None:
         super().__init__(autoencoder, audio_encoder, optimizer, lr_scheduler, audio_region, condition_dropout,
-                         num_sample_batches)
+                         num_sample_batches, hand_loss_weight)
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "noise_scheduler",
                                                         "optimizer", "lr_scheduler", "condition_dropout", "phd_loss",
@@ -116,8 +119,9 @@ class EchoMimicV2Module(AnimationModule):
     CONDITIONS = ("ref", "audio", "pose", "uncond")
     UNCOND_CONDITIONS = ("ref", "audio", "pose")  # the release's unconditional CFG branch has none of them
     # Loss keys a phase's ``losses`` mapping may carry: ``phd`` (a band schedule such as
-    # ``{S1: [pose, 0.1], S2: [detail, 0.1], S3: [low, 0.1]}``, or null to switch the PhD loss off).
-    PHASE_LOSS_KEYS: tuple[str, ...] = ("phd",)
+    # ``{S1: [pose, 0.1], S2: [detail, 0.1], S3: [low, 0.1]}``, or null to switch the PhD loss off) and ``hand``
+    # (lambda_hand, AnimationModule).
+    PHASE_LOSS_KEYS: tuple[str, ...] = ("phd", "hand")
 
     def check_phase_losses(self, spec: PhaseSpec) -> None:
         super().check_phase_losses(spec)
@@ -131,6 +135,7 @@ class EchoMimicV2Module(AnimationModule):
 
     def configure_phase_losses(self, losses) -> None:
         """``losses.phd``: missing -> the configured PhD settings; null -> off; a schedule -> on with it."""
+        super().configure_phase_losses(losses)
         if self.phd_loss is None:
             return
         if "phd" not in losses:
@@ -200,6 +205,11 @@ class EchoMimicV2Module(AnimationModule):
         err = (pred.float() - target.float()).pow(2).mean(dim=2, keepdim=True)  # mean over channels
         latent = (err * w).sum() / w.sum().clamp_min(1.0)
         logs = {"latent": latent.detach()}
+        if self.hand_loss_weight > 0:
+            hand = self.hand_loss(err, w, batch, lambda m: F.adaptive_max_pool2d(
+                m.flatten(0, 1), x0.shape[-2:]).view(*m.shape[:3], *x0.shape[-2:]))
+            logs["hand"] = hand.detach()
+            latent = latent + self.hand_loss_weight * hand
         if not (training and self.phd_loss is not None and self.phd_loss.enabled):
             return latent, logs
         phd = self.phd_loss(xt, pred, t, batch["video"], decode=self.autoencoder.decode,

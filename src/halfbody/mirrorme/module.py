@@ -45,6 +45,8 @@ class MirrorMeModule(AnimationModule):
         audio_region: ``face`` (audio attention gated by the face mask, §3.4), ``global`` or ``off``.
         condition_dropout: independent per-sample dropout of ``ref``, ``audio``, ``pose`` (§4.1: 10 % each).
         face_loss_weight: ``lambda`` of Eq. 9 (not given in the paper); a phase's ``losses: {face: lambda}`` overrides.
+        hand_loss_weight: ``lambda_hand`` of the hand-region loss (not in the paper; 0: off), as the face loss over the
+            hands' cells (``AnimationModule.hand_loss``); a phase's ``losses: {hand: lambda}`` overrides.
         motion_frames: ``{probability, max_latent_frames}``: how often a training clip starts with clean ground-truth
             latent frames, and at most how many (§3.2).
         inference_face_enlarge: scale of the static inference face mask about its centre (§3.4).
@@ -60,8 +62,8 @@ class MirrorMeModule(AnimationModule):
     NETWORK_KEY_PREFIXES = ("network.transformer.",)
     VIDEO_AUTOENCODER = True  # the LTX-style causal video latent space
     CONDITIONS = ("ref", "audio", "pose")
-    # ``face``: lambda of Eq. 9 for the phase (null or 0: no face loss).
-    PHASE_LOSS_KEYS = ("face",)
+    # ``face``: lambda of Eq. 9 for the phase (null or 0: no face loss); ``hand``: lambda_hand (AnimationModule).
+    PHASE_LOSS_KEYS = ("face", "hand")
 
     def __init__(self, network: Callable[..., nn.Module], autoencoder: Autoencoder, audio_encoder: AudioEncoder,
                  optimizer: Callable[..., torch.optim.Optimizer], flow: RectifiedFlow,
@@ -69,9 +71,9 @@ class MirrorMeModule(AnimationModule):
                  condition_dropout: Mapping[str, float] | None = None, face_loss_weight: float = 1.0,
                  motion_frames: Mapping[str, float] | None = None, inference_face_enlarge: float = 1.5,
                  num_inference_steps: int = 15, guidance_scale: float = 2.5, num_sample_batches: int = 1,
-                 init_checkpoint: str | None = None) -> None:
+                 init_checkpoint: str | None = None, hand_loss_weight: float = 0.0) -> None:
         super().__init__(autoencoder, audio_encoder, optimizer, lr_scheduler, audio_region, condition_dropout,
-                         num_sample_batches)
+                         num_sample_batches, hand_loss_weight)
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False, ignore=["network", "autoencoder", "audio_encoder", "flow", "optimizer",
                                                         "lr_scheduler", "condition_dropout", "motion_frames"])
@@ -116,6 +118,7 @@ class MirrorMeModule(AnimationModule):
 
     def configure_phase_losses(self, losses: Mapping[str, Any]) -> None:
         """``losses.face``: missing -> ``model.face_loss_weight``; null -> 0; a number -> that ``lambda``."""
+        super().configure_phase_losses(losses)
         self.face_loss_weight = float(losses.get("face") or 0.0) if "face" in losses else self._configured["face"]
 
     # ----------------------------------------------------------------------------------------------- conditions
@@ -196,6 +199,10 @@ class MirrorMeModule(AnimationModule):
             face_loss = (err * face).sum() / face.sum().clamp_min(1.0)
             logs["face"] = face_loss.detach()
             loss = loss + self.face_loss_weight * face_loss
+        if self.hand_loss_weight > 0:
+            hand_loss = self.hand_loss(err, weight, batch, lambda m: latent_face_mask(m, *self.factors))
+            logs["hand"] = hand_loss.detach()
+            loss = loss + self.hand_loss_weight * hand_loss
         return loss, logs
 
     # ----------------------------------------------------------------------------------------------- sampling

@@ -38,6 +38,8 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
         audio_region: where audio acts (one of ``AUDIO_REGIONS``).
         condition_dropout: per-sample drop probabilities, keys from ``CONDITIONS``.
         num_sample_batches: validation batches that are also sampled.
+        hand_loss_weight: ``lambda_hand`` of the hand-region loss (:meth:`hand_loss`), added to the family's loss;
+            0 (the default, as in both papers) switches it off. A phase's ``losses: {hand: lambda}`` overrides.
         init_checkpoint: start the network from this Lightning checkpoint (``weights_only=True``).
     """
 
@@ -50,14 +52,14 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
     VIDEO_AUTOENCODER: bool = False  # True: a causal video autoencoder (temporal factor > 1); False: an image one
     CONDITIONS: tuple[str, ...] = ("ref", "audio", "pose")
     UNCOND_CONDITIONS: tuple[str, ...] = ("ref", "audio")  # what an ``uncond`` dropout drops together
-    PHASE_LOSS_KEYS: tuple[str, ...] = ()
+    PHASE_LOSS_KEYS: tuple[str, ...] = ("hand",)  # a family adds its own
 
     network: nn.Module
 
     def __init__(self, autoencoder: Autoencoder, audio_encoder: AudioEncoder,
                  optimizer: Callable[..., torch.optim.Optimizer], lr_scheduler: Callable[..., Any] | None = None,
                  audio_region: str = "global", condition_dropout: Mapping[str, float] | None = None,
-                 num_sample_batches: int = 1) -> None:
+                 num_sample_batches: int = 1, hand_loss_weight: float = 0.0) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -76,6 +78,9 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
                                             "pose_dropout": self.condition_dropout.get("pose", 0.0)}
         self.muted_groups: frozenset[str] = frozenset()
         self.phase_losses: dict[str, Any] = {}
+        if isinstance(hand_loss_weight, bool) or not float(hand_loss_weight) >= 0:
+            raise ValueError(f"model.hand_loss_weight={hand_loss_weight!r} must be a number >= 0")
+        self.hand_loss_weight = self._configured["hand"] = float(hand_loss_weight)
 
     # ----------------------------------------------------------------------------------------------- family API
     @abc.abstractmethod
@@ -88,13 +93,36 @@ class AnimationModule(L.LightningModule, metaclass=abc.ABCMeta):
         """Sample clips for a batch: ``(B, F, 3, H, W)`` in ``[-1, 1]``."""
 
     def configure_phase_losses(self, losses: Mapping[str, Any]) -> None:
-        """Apply a phase's ``losses`` mapping (validated by :meth:`check_phase_losses`); default: nothing to do."""
+        """Apply a phase's ``losses`` mapping (validated by :meth:`check_phase_losses`). ``hand``: missing ->
+        ``model.hand_loss_weight``; null -> 0; a number -> that ``lambda_hand``. A family extends this for its keys."""
+        self.hand_loss_weight = float(losses.get("hand") or 0.0) if "hand" in losses else self._configured["hand"]
 
     def check_phase_losses(self, spec: PhaseSpec) -> None:
         bad = sorted(set(spec.losses) - set(self.PHASE_LOSS_KEYS))
         if bad:
             raise ValueError(f"phase {spec.name!r}: losses key(s) {bad} are not supported by {type(self).__name__} "
                              f"(supported: {list(self.PHASE_LOSS_KEYS)})")
+        lam = spec.losses.get("hand")
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0):
+            raise ValueError(f"phase {spec.name!r}: losses.hand={lam!r} must be a number >= 0 (lambda_hand)")
+
+    def hand_loss(self, err: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any],
+                  to_latent: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The hand-region loss: the mean of the per-cell error ``err`` over the latent cells the hands cover (not
+        in either paper; shaped as MirrorMe's face loss, Eq. 8). The gloves / hands are a few percent of a half-body
+        frame, so the frame-mean loss hardly sees them; ``lambda_hand`` weighs their mean error as a term of its own.
+
+        Args:
+            err: per-cell squared error, any shape the family's loss uses.
+            weight: the family's per-cell loss weight (valid pixels; 0 on cells the loss leaves out), as ``err``.
+            batch: the training batch; its ``mask_hands`` ``(B, F, 1, H, W)`` (pixel union of the hand boxes).
+            to_latent: the family's pixel-mask -> latent-cell map (any hand pixel marks the cell), shaped as ``err``.
+        """
+        if "mask_hands" not in batch:
+            raise KeyError(f"model.hand_loss_weight={self.hand_loss_weight} needs the batch's 'mask_hands' "
+                           "(B, F, 1, H, W) (rendered by the datamodule from the hand keypoints)")
+        hands = to_latent(batch["mask_hands"]).to(err.dtype) * weight
+        return (err * hands).sum() / hands.sum().clamp_min(1.0)
 
     # ----------------------------------------------------------------------------------------------- phases
     @property
