@@ -362,6 +362,44 @@ def _decode_in_child(data: bytes, queue) -> None:
     queue.put({i: f.shape for i, f in decode_frames(data, range(0, 10, 3)).items()})
 
 
+def test_loader_workers_forked_beside_pyav_garbage_do_not_hang(clips, monkeypatch):
+    """PyAV filter graphs are reference cycles; an audio resampler's holds a thread pool. A DataLoader worker forked
+    while one was uncollected garbage in the main process, and collecting it, waited forever on threads it does not
+    have (timed out here); the loaders collect the main process's garbage before their workers fork."""
+    import gc
+
+    import av
+
+    read = TrainShardDataset.__iter__
+
+    def collecting_iter(self):  # the worker's first collection finds what it inherited
+        gc.enable()
+        gc.collect()
+        yield from read(self)
+
+    def garbage():
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
+        frame.sample_rate = 44100
+        resampler.resample(frame)
+        cycle = {"resampler": resampler}
+        cycle["self"] = cycle
+
+    monkeypatch.setattr(TrainShardDataset, "__iter__", collecting_iter)  # workers are forked: they see the patch
+    dm = HalfBodyDataModule(str(clips), num_frames=F, resolution=32, batch_size=1, batches_per_epoch=2,
+                            num_workers=1, val_samples=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.timeout = 30  # a hung worker fails the test instead of hanging the suite
+    gc.disable()  # keep the garbage until the fork, as a busy training process between collections would
+    try:
+        garbage()
+        batches = list(loader)
+    finally:
+        gc.enable()
+    assert len(batches) == 2
+
+
 def test_decoding_in_a_forked_worker_after_the_parent_converted_frames(tmp_path):
     """DataLoader workers are forked. PyAV (>= 18.1.1) shares one threaded colour converter per thread, which a forked
     child inherits without its threads: ``frame.to_ndarray(format="rgb24")`` there waits forever once the parent has

@@ -25,6 +25,7 @@ name, and a version when it can change), so that a stale cache is never mistaken
 
 from __future__ import annotations
 
+import gc
 import glob
 import logging
 import math
@@ -128,7 +129,11 @@ def expand_shards(spec: str | Sequence[str] | None, name: str = "shards") -> lis
 class _EpochLoader(DataLoader):
     """A DataLoader that, each time it starts iterating, stamps its dataset with the epoch and the rank/world
     size resolved in the main process (torch.distributed when initialised, else the Trainer). Worker processes
-    receive that stamped copy."""
+    receive that stamped copy.
+
+    Before its workers fork it collects the main process's cyclic garbage: PyAV filter graphs (an audio resampler,
+    e.g. the sample-video writer's AAC encoder) are reference cycles holding thread pools, and a forked worker whose
+    garbage collector frees an inherited one waits forever for threads it does not have."""
 
     def __init__(self, dataset, *, stamp: Callable[[Any], None], **kw):
         super().__init__(dataset, **kw)
@@ -136,6 +141,8 @@ class _EpochLoader(DataLoader):
 
     def __iter__(self):
         self._stamp(self.dataset)
+        if self.num_workers > 0:
+            gc.collect()
         return super().__iter__()
 
 
