@@ -131,9 +131,9 @@ class _EpochLoader(DataLoader):
     size resolved in the main process (torch.distributed when initialised, else the Trainer). Worker processes
     receive that stamped copy.
 
-    Before its workers fork it collects the main process's cyclic garbage: PyAV filter graphs (an audio resampler,
-    e.g. the sample-video writer's AAC encoder) are reference cycles holding thread pools, and a forked worker whose
-    garbage collector frees an inherited one waits forever for threads it does not have."""
+    Before its workers fork it collects the main process's cyclic garbage: PyAV filter graphs are reference cycles
+    (the sample-video writer leaves one behind each time), an audio resampler's holds a thread pool, and a forked
+    worker whose garbage collector frees such an inherited graph waits forever for threads it does not have."""
 
     def __init__(self, dataset, *, stamp: Callable[[Any], None], **kw):
         super().__init__(dataset, **kw)
