@@ -315,3 +315,16 @@ def write_shards(directory: str | Path, make: Callable[[int], dict], num_samples
         samples = [make(i) for i in range(start, min(num_samples, start + per_shard))]
         paths.append(write_shard(directory / f"{prefix}-{s:06d}.tar", samples))
     return paths
+
+
+def leave_pyav_graph_garbage() -> None:
+    """Leave a PyAV audio resampler, whose filter graph holds a thread pool, as uncollected cyclic garbage (with the
+    garbage collector disabled): a process forked now that collects it waits forever on threads it does not have."""
+    import av
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
+    frame.sample_rate = 44100
+    resampler.resample(frame)
+    cycle = {"resampler": resampler}
+    cycle["self"] = cycle

@@ -9,6 +9,7 @@ import torch
 from shard_utils import (
     decode_index,
     dot_frames,
+    leave_pyav_graph_garbage,
     make_sample,
     npy_bytes,
     person_keypoints,
@@ -368,22 +369,12 @@ def test_loader_workers_forked_beside_pyav_garbage_do_not_hang(clips, monkeypatc
     have (timed out here); the loaders collect the main process's garbage before their workers fork."""
     import gc
 
-    import av
-
     read = TrainShardDataset.__iter__
 
     def collecting_iter(self):  # the worker's first collection finds what it inherited
         gc.enable()
         gc.collect()
         yield from read(self)
-
-    def garbage():
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
-        frame.sample_rate = 44100
-        resampler.resample(frame)
-        cycle = {"resampler": resampler}
-        cycle["self"] = cycle
 
     monkeypatch.setattr(TrainShardDataset, "__iter__", collecting_iter)  # workers are forked: they see the patch
     dm = HalfBodyDataModule(str(clips), num_frames=F, resolution=32, batch_size=1, batches_per_epoch=2,
@@ -393,7 +384,7 @@ def test_loader_workers_forked_beside_pyav_garbage_do_not_hang(clips, monkeypatc
     loader.timeout = 30  # a hung worker fails the test instead of hanging the suite
     gc.disable()  # keep the garbage until the fork, as a busy training process between collections would
     try:
-        garbage()
+        leave_pyav_graph_garbage()
         batches = list(loader)
     finally:
         gc.enable()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shard_utils import make_sample, person_keypoints, write_shard
+from shard_utils import leave_pyav_graph_garbage, make_sample, person_keypoints, write_shard
 
 from data_pipelines.video_to_shards import load_config, run, writer
 from data_pipelines.video_to_shards.synthetic import talker_video
@@ -381,18 +381,7 @@ def test_workers_forked_beside_pyav_garbage_do_not_hang(cc_inputs, tmp_path, mon
     collects the parent's garbage before each fork."""
     import gc
 
-    import av
-    import numpy as np
-
     from data_pipelines.video_to_shards import pipeline
-
-    def garbage():
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
-        frame.sample_rate = 44100
-        resampler.resample(frame)
-        cycle = {"resampler": resampler}
-        cycle["self"] = cycle
 
     worker = pipeline._worker_main
 
@@ -405,7 +394,7 @@ def test_workers_forked_beside_pyav_garbage_do_not_hang(cc_inputs, tmp_path, mon
     gc.disable()  # keep the garbage until the fork, as a busy parent between collections would
     try:
         for _ in range(3):
-            garbage()
+            leave_pyav_graph_garbage()
         t0 = time.monotonic()
         rep = run(cc_inputs, tmp_path / "out", _cfg(), workers=2, progress=False)
     finally:
