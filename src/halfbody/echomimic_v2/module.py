@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from halfbody.data.conditions import to_latent_resolution
 from halfbody.echomimic_v2.pipeline import EchoMimicV2Pipeline, SamplerSettings
 from halfbody.models.audio_encoders import AudioEncoder
 from halfbody.models.autoencoders import Autoencoder
@@ -206,8 +207,7 @@ class EchoMimicV2Module(AnimationModule):
         latent = (err * w).sum() / w.sum().clamp_min(1.0)
         logs = {"latent": latent.detach()}
         if self.hand_loss_weight > 0:
-            hand = self.hand_loss(err, w, batch, lambda m: F.adaptive_max_pool2d(
-                m.flatten(0, 1), x0.shape[-2:]).view(*m.shape[:3], *x0.shape[-2:]))
+            hand = self.hand_loss(err, w, batch, lambda m: to_latent_resolution(m, self.autoencoder.spatial_factor))
             logs["hand"] = hand.detach()
             latent = latent + self.hand_loss_weight * hand
         if not (training and self.phd_loss is not None and self.phd_loss.enabled):
